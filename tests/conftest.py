@@ -57,3 +57,7 @@ def mlflow_uri(tmp_path, monkeypatch):
 
     mlflow.set_tracking_uri(uri)
     yield uri
+
+
+# S3 on 127.0.0.1 (a real moto server subprocess): `s3_server` (session) and `s3_env` (AWS_* set per test).
+from tests.s3_server import s3_env, s3_server  # noqa: E402,F401

@@ -11,7 +11,6 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
-from tests.s3_server import s3_env, s3_server  # noqa: E402,F401 - fixtures (moto on 127.0.0.1)
 
 
 @pytest.fixture(scope="module")
