@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+import io
+
 from pathlib import Path
 
 import torch
@@ -45,12 +47,23 @@ def save_model_file(
 
 def load_model_file(path) -> dict:
     """Read a checkpoint directory's model.pt (or the file itself) onto the CPU. Errors name the file."""
-    path = Path(path)
-    file = path / MODEL_FILE if path.is_dir() else path
-    if not file.is_file():
-        raise FileNotFoundError(f"{file}: no MagFace model file here (expected a checkpoint directory holding {MODEL_FILE})")
+    from magface.data import storage
+
+    if storage.is_s3(str(path)):
+        # s3://bucket/run/checkpoint_x (a directory) or .../model.pt: read straight from the bucket, so actors
+        # on any node of a cluster load the same checkpoint without a shared filesystem.
+        file = str(path) if str(path).endswith(".pt") else storage.join(str(path), MODEL_FILE)
+        if not storage.exists(file):
+            raise FileNotFoundError(f"{file}: no MagFace model file here (expected a checkpoint prefix holding {MODEL_FILE})")
+        source = io.BytesIO(storage.read_bytes(file))
+    else:
+        path = Path(path)
+        file = path / MODEL_FILE if path.is_dir() else path
+        if not file.is_file():
+            raise FileNotFoundError(f"{file}: no MagFace model file here (expected a checkpoint directory holding {MODEL_FILE})")
+        source = file
     try:
-        payload = torch.load(file, map_location="cpu", weights_only=True)
+        payload = torch.load(source, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated zip, not a torch file, or a pickle with foreign objects
         raise ValueError(f"{file}: not a readable torch checkpoint ({type(exc).__name__}: {exc})") from exc
     if not isinstance(payload, dict) or payload.get("format") != MODEL_FORMAT:

@@ -242,7 +242,10 @@ def download_tree(prefix: str, dest) -> Path:
     dest = Path(dest)
     base = str(prefix).rstrip("/") + "/"
     for uri in list_files(prefix):
-        target = dest / uri[len(base):]
+        rel = uri[len(base):] if uri.startswith(base) else ""
+        if not rel or rel.endswith("/"):
+            continue  # "folder" marker objects (S3 consoles and some uploaders create them) hold no file
+        target = dest / rel
         n = size(uri)
         if target.exists() and target.stat().st_size == n:
             continue

@@ -292,7 +292,8 @@ def evaluate(checkpoint=None, benchmarks=SYNTHETIC_BENCHMARKS, data_root=None, *
 
     from magface.evaluation.features import concat_tables, extract_features, input_size, ray_init_if_needed
 
-    checkpoint = Path(checkpoint) if checkpoint else find_latest_checkpoint(runs_root)
+    # a str, not a Path: Path() would fold s3://bucket/... into s3:/bucket/...
+    checkpoint = str(checkpoint) if checkpoint else str(find_latest_checkpoint(runs_root))
     names = parse_benchmarks(benchmarks)
     if data_root is None:
         from magface.checkpoint import load_model_file
