@@ -17,13 +17,9 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Mapping
 
+from magface.losses import feasible_lambda_g_min  # noqa: F401 - re-exported: the bound the space respects
+
 RAW_KEYS = ("l_a", "a_width", "l_m", "m_width", "lambda_ratio")
-
-
-def feasible_lambda_g_min(s: float, l_a: float, u_a: float, l_m: float, u_m: float) -> float:
-    """The paper's bound lambda_g >= s*K / (-g'(l_a)) for the linear m(a) and g(a) = 1/a + a/u_a^2."""
-    k = (u_m - l_m) / (u_a - l_a)
-    return s * k / (1.0 / l_a**2 - 1.0 / u_a**2)
 
 
 @dataclass(frozen=True)

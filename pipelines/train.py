@@ -14,6 +14,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from magface.config import Config  # noqa: E402
+from magface.preflight import PreflightError, preflight  # noqa: E402
 from magface.train.demo import DEMO_CONFIG, run_demo  # noqa: E402
 from magface.train.trainer import connect, run  # noqa: E402
 
@@ -38,6 +39,11 @@ def main(argv=None) -> int:
     cfg = Config.load(args.config, args.set)
     if not cfg.data.train:
         raise SystemExit(f"{args.config}: data.train is empty; give the .rec shards (--set data.train=[...])")
+    try:  # S3 buckets for shards and checkpoints: fail now, not after the first epoch
+        for warning in preflight(cfg):
+            print(f"warning: {warning}", file=sys.stderr)
+    except PreflightError as e:
+        raise SystemExit(f"{args.config}: {e}") from None
     connect(cfg)
     result = run(cfg)
     if result.error is not None:

@@ -142,12 +142,21 @@ def run(cfg: Config, dataset=None, *, keys_log_dir: str | None = None, parent_ru
         ranked = [(m.get(key), c) for c, m in result.best_checkpoints] if key else []
         ranked = [rc for rc in ranked if rc[0] is not None]
         best = max(ranked, key=lambda rc: rc[0])[1].path if ranked else result.checkpoint.path
-    ckpt = result.checkpoint.path if result.checkpoint else None
+    ckpt = _uri(cfg, result.checkpoint.path) if result.checkpoint else None
+    best = _uri(cfg, best) if best else None
     tracker.set_tags({"checkpoint_path": ckpt, "best_checkpoint_path": best})
     if result.metrics:
         tracker.log_metrics({f"final_{k}": v for k, v in result.metrics.items() if isinstance(v, (int, float))})
     tracker.end("FINISHED" if result.error is None else "FAILED")
     return TrainResult(ckpt, best, dict(result.metrics or {}), tracker.run_id, spe, result.error)
+
+
+def _uri(cfg: Config, path: str) -> str:
+    """Ray reports checkpoints on S3 as "bucket/key" (a pyarrow path); give users and the evaluation the URI."""
+    if "://" in path or "://" not in storage_path(cfg):
+        return path
+    scheme = storage_path(cfg).split("://", 1)[0]
+    return f"{scheme}://{path}"
 
 
 def connect(cfg: Config | None = None) -> None:
