@@ -24,6 +24,29 @@ MOTO_CREDENTIALS = {
 }
 
 
+# moto's server with one fix: its CompleteMultipartUpload reply is rooted at <CompleteMultipartUploadResponse>,
+# where S3 says <CompleteMultipartUploadResult>. boto3 does not mind; the AWS C++ SDK inside pyarrow, which Ray
+# Train uses to upload checkpoints, rejects the reply and retries until it fails.
+_MOTO_SERVER = """
+import sys
+from werkzeug.serving import run_simple
+from moto.server import DomainDispatcherApplication, create_backend_app
+
+moto_app = DomainDispatcherApplication(create_backend_app)
+
+def app(environ, start_response):
+    if environ["REQUEST_METHOD"] != "POST" or "uploadId=" not in environ.get("QUERY_STRING", ""):
+        return moto_app(environ, start_response)
+    reply = {}
+    body = b"".join(moto_app(environ, lambda status, headers, exc_info=None: reply.update(s=status, h=headers)))
+    body = body.replace(b"CompleteMultipartUploadResponse", b"CompleteMultipartUploadResult")
+    start_response(reply["s"], [(k, str(len(body)) if k.lower() == "content-length" else v) for k, v in reply["h"]])
+    return [body]
+
+run_simple("127.0.0.1", int(sys.argv[1]), app, threaded=True)
+"""
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -35,7 +58,7 @@ def moto_s3(timeout_s: float = 30.0):
     """Start `moto_server` on a free local port, wait until it answers, yield its URL, stop it by PID."""
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+    proc = subprocess.Popen([sys.executable, "-c", _MOTO_SERVER, str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + timeout_s

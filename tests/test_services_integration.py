@@ -25,6 +25,7 @@ import pytest
 
 from magface.preflight import PreflightError, preflight
 from tests.s3_server import MOTO_CREDENTIALS as KEYS
+from tests.s3_server import moto_s3
 
 pytestmark = pytest.mark.slow
 
@@ -81,45 +82,15 @@ def ok(p: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
 
 
 # ----------------------------------------------------------------------------- servers
-# moto's server with one fix: its CompleteMultipartUpload reply is rooted at <CompleteMultipartUploadResponse>,
-# where S3 says <CompleteMultipartUploadResult>. boto3 does not mind; the AWS C++ SDK inside pyarrow, which Ray
-# Train uses to upload checkpoints, rejects the reply and retries until it fails.
-MOTO_SERVER = """
-import sys
-from werkzeug.serving import run_simple
-from moto.server import DomainDispatcherApplication, create_backend_app
-
-moto_app = DomainDispatcherApplication(create_backend_app)
-
-def app(environ, start_response):
-    if environ["REQUEST_METHOD"] != "POST" or "uploadId=" not in environ.get("QUERY_STRING", ""):
-        return moto_app(environ, start_response)
-    reply = {}
-    body = b"".join(moto_app(environ, lambda status, headers, exc_info=None: reply.update(s=status, h=headers)))
-    body = body.replace(b"CompleteMultipartUploadResponse", b"CompleteMultipartUploadResult")
-    start_response(reply["s"], [(k, str(len(body)) if k.lower() == "content-length" else v) for k, v in reply["h"]])
-    return [body]
-
-run_simple("127.0.0.1", int(sys.argv[1]), app, threaded=True)
-"""
-
-
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
     """An S3 server on 127.0.0.1 with the test bucket; yields its endpoint and the environment that points
     boto3 (and pyarrow, which Ray Train uses for checkpoints) at it."""
-    port = free_port()
-    log = tmp_path_factory.mktemp("s3") / "s3.log"
-    proc = start([sys.executable, "-c", MOTO_SERVER, str(port)], {**os.environ, **KEYS}, log)
-    try:
-        endpoint = f"http://127.0.0.1:{port}"
-        wait_http(f"{endpoint}/moto-api/", proc, log, timeout_s=60)
+    with moto_s3(timeout_s=60) as endpoint:
         import boto3
 
         boto3.client("s3", endpoint_url=endpoint, **_boto_keys()).create_bucket(Bucket=BUCKET)
         yield {"endpoint": endpoint, "env": {**KEYS, "AWS_ENDPOINT_URL": endpoint}}
-    finally:
-        stop(proc)
 
 
 def _boto_keys() -> dict:
