@@ -8,6 +8,7 @@ The config travels to Ray workers as a plain dict (`to_dict` / `from_dict`).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import typing
 from dataclasses import dataclass, field
@@ -183,21 +184,25 @@ class Config:
         cfg.validate(where)
         return cfg
 
+    @staticmethod
+    def read_yaml(path: str | Path) -> dict:
+        """A config file's raw sections (each copied into a plain dict), with errors that name the file."""
+        try:
+            d = yaml.safe_load(Path(path).read_text()) or {}
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read config ({e})") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: invalid YAML ({e})") from None
+        if not isinstance(d, Mapping):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections {list(SECTIONS)}")
+        return {k: copy.deepcopy(dict(v)) if isinstance(v, Mapping) else v for k, v in d.items()}
+
     @classmethod
     def load(cls, path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> "Config":
         """YAML file (or defaults when None), then `section.key=value` overrides, then validation."""
         where = str(path) if path else "<defaults>"
-        d: dict = {}
-        if path:
-            try:
-                d = yaml.safe_load(Path(path).read_text()) or {}
-            except OSError as e:
-                raise ConfigError(f"{path}: cannot read config ({e})") from None
-            except yaml.YAMLError as e:
-                raise ConfigError(f"{path}: invalid YAML ({e})") from None
-            if not isinstance(d, Mapping):
-                raise ConfigError(f"{path}: the top level must be a mapping of sections {list(SECTIONS)}")
-        d = {k: dict(v) if isinstance(v, Mapping) else v for k, v in d.items()}
+        d = cls.read_yaml(path) if path else {}
+        d.pop("tune", None)  # the sweep settings, read by pipelines/tune.py; one YAML serves both jobs
         for item in overrides:
             apply_override(d, item, where)
         if overrides:

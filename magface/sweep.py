@@ -96,15 +96,7 @@ def load_sweep_config(path: str | os.PathLike, overrides=()) -> tuple[Config, Sw
     """A training YAML with an optional `tune:` section. `--set tune.key=value` (and `tune.space.l_a=[5, 20]`)
     go to the sweep settings; every other override to the training config, through magface.config."""
     where = str(path)
-    try:
-        d = yaml.safe_load(Path(path).read_text()) or {}
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read config ({e})") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: invalid YAML ({e})") from None
-    if not isinstance(d, Mapping):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections")
-    d = {k: copy.deepcopy(dict(v)) if isinstance(v, Mapping) else v for k, v in d.items()}
+    d = Config.read_yaml(path)
     tune_d = d.pop(TUNE_SECTION, None) or {}
     if not isinstance(tune_d, Mapping):
         raise ConfigError(f"{path}: section 'tune' must be a mapping")
@@ -253,9 +245,7 @@ def run_trial(config: dict, *, state: dict) -> None:
     import ray.tune
 
     from magface.tracking import Tracker
-    from magface.train import faults
-    from magface.train.loop import Runtime
-    from magface.train.trainer import build_dataset, build_trainer, steps_per_epoch, storage_path
+    from magface.train.trainer import build_dataset, build_trainer, make_runtime, steps_per_epoch
 
     ctx = ray.tune.get_context()
     trial_id = ctx.get_trial_id()
@@ -274,14 +264,10 @@ def run_trial(config: dict, *, state: dict) -> None:
                             tags={"sweep": state["name"], "trial_id": trial_id, "loss": cfg.loss.kind})
     if tracker.run_id and not run_id:
         _save_trial_run_id(cfg, tracker.run_id)
-    marker = faults.marker_path(storage_path(cfg), cfg.train.name)
-    runtime = Runtime(steps_per_epoch=spe, tracking_uri=uri, run_id=tracker.run_id,
-                      fault_marker=str(marker) if marker and cfg.train.fault_kill_rank is not None else None)
-    trainer = build_trainer(cfg, {"train": build_dataset(cfg)}, runtime)
-    # build_trainer takes no callbacks: Train V2 reads run_config.callbacks when fit() starts
-    trainer.run_config.callbacks = [*(trainer.run_config.callbacks or []), make_report_callback(
-        state["heldout"], cfg.data.image_size, far=settings.far, l_a=cfg.loss.l_a, u_a=cfg.loss.u_a,
-        tracking_uri=uri, run_id=tracker.run_id)]
+    runtime = make_runtime(cfg, spe, uri, tracker.run_id)
+    report = make_report_callback(state["heldout"], cfg.data.image_size, far=settings.far, l_a=cfg.loss.l_a,
+                                  u_a=cfg.loss.u_a, tracking_uri=uri, run_id=tracker.run_id)
+    trainer = build_trainer(cfg, {"train": build_dataset(cfg)}, runtime, callbacks=[report])
     try:
         trainer.fit()
     except BaseException:

@@ -53,16 +53,9 @@ def main(argv=None) -> int:
         if cfg.train.storage_path == "~/ray_results":
             cfg.train.storage_path = str(cache_dir() / "runs")
 
-    import ray
-
     from magface.train.trainer import connect
 
-    if args.num_cpus and not os.environ.get("RAY_ADDRESS") and not ray.is_initialized():
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        # the dashboard serves the state API that Ray Train's placement-group cleaner needs when Tune stops a trial
-        ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=True,
-                 runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled"}})
-    connect(cfg)
+    connect(cfg, num_cpus=args.num_cpus, dashboard=True)
     t0 = time.perf_counter()
     result = run_sweep(cfg, settings, name=args.name, storage=args.storage_path, output_dir=args.output_dir,
                        where=args.config)

@@ -67,6 +67,9 @@ def test_unknown_key_names_file_and_lists_valid_keys(tmp_path):
         Config.load(write(tmp_path, "trian: {epochs: 1}\n", "b.yaml"))
     with pytest.raises(ConfigError, match="--set loss.lamda_g=40: unknown key.*lamda_g.*lambda_g"):
         Config.load(write(tmp_path, "data: {num_classes: 3}\n", "c.yaml"), ["loss.lamda_g=40"])
+    # a sweep's `tune:` section rides along in the same file and is left to pipelines/tune.py
+    cfg = Config.load(write(tmp_path, "data: {num_classes: 3}\ntune: {num_samples: 8}\n", "d.yaml"))
+    assert cfg.data.num_classes == 3
 
 
 def test_wrong_types_name_the_field(tmp_path):

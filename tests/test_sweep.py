@@ -189,3 +189,18 @@ def test_results_table_sorts_by_objective_with_errors_last():
     assert list(t["trial_id"]) == ["c", "a", "b"]
     assert list(t["status"]) == ["stopped@1", "done", "ERROR"]
     assert t.loc[0, "lambda_g"] == pytest.approx(round(1.5 * 64 * 0.0035 / (1 / 100 - 1 / 110**2), 4))
+
+
+def test_sweep_ray_serves_the_state_api_that_frees_stopped_trials(tmp_path):
+    """When ASHA stops a trial, only Ray Train's placement-group cleaner releases that trial's CPUs, and it
+    asks the dashboard's state API whether the controller died. Without it (include_dashboard=False) the next
+    trial waited ~14 minutes on 2 cores; the local Ray that pipelines/tune.py starts must serve it."""
+    code = ("from magface.train.trainer import connect\n"
+            "connect(None, num_cpus=1, dashboard=True)\n"
+            "from ray.util.state import list_actors\n"
+            "print('actors', len(list_actors(timeout=30)))\n")
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(REPO)}
+    env.pop("RAY_ADDRESS", None)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=180,
+                         cwd=tmp_path)
+    assert out.returncode == 0 and "actors" in out.stdout, out.stdout[-2000:] + out.stderr[-2000:]

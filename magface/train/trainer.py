@@ -79,7 +79,17 @@ def steps_per_epoch(cfg: Config, num_images: int) -> int:
     return steps
 
 
-def build_trainer(cfg: Config, datasets: dict, runtime: Runtime):
+def make_runtime(cfg: Config, steps: int, uri: str | None, run_id: str | None,
+                 keys_log_dir: str | None = None) -> Runtime:
+    """What the workers need beyond the config: steps per epoch, where to track, the fault-injection marker."""
+    marker = faults.marker_path(storage_path(cfg), cfg.train.name)
+    return Runtime(steps_per_epoch=steps, tracking_uri=uri, run_id=run_id,
+                   fault_marker=str(marker) if marker and cfg.train.fault_kill_rank is not None else None,
+                   keys_log_dir=keys_log_dir)
+
+
+def build_trainer(cfg: Config, datasets: dict, runtime: Runtime, callbacks=()):
+    """The job's TorchTrainer; `callbacks` are Train V2 user callbacks (the sweep's Tune reporter)."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -102,6 +112,7 @@ def build_trainer(cfg: Config, datasets: dict, runtime: Runtime):
                 checkpoint_score_attribute=cfg.train.checkpoint_score,
                 checkpoint_score_order="max"),
             worker_runtime_env={"env_vars": {"RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}},
+            callbacks=list(callbacks) or None,
         ),
         datasets=datasets,
     )
@@ -123,10 +134,7 @@ def run(cfg: Config, dataset=None, *, keys_log_dir: str | None = None, parent_ru
                                 params=cfg.to_dict(), parent_run_id=parent_run_id, enabled=cfg.tracking.enabled,
                                 tags={"job_name": cfg.train.name, "storage_path": storage_path(cfg),
                                       "loss": cfg.loss.kind, "backbone": cfg.model.backbone})
-    marker = faults.marker_path(storage_path(cfg), cfg.train.name)
-    runtime = Runtime(steps_per_epoch=spe, tracking_uri=uri, run_id=tracker.run_id,
-                      fault_marker=str(marker) if marker and cfg.train.fault_kill_rank is not None else None,
-                      keys_log_dir=keys_log_dir)
+    runtime = make_runtime(cfg, spe, uri, tracker.run_id, keys_log_dir=keys_log_dir)
     print(f"[magface] job {cfg.train.name!r}: {num_images} images, {cfg.scaling.num_workers} worker(s) x "
           f"{cfg.train.batch_size}, {spe} steps/epoch x {cfg.train.epochs} epochs; "
           f"storage {storage_path(cfg)}; MLflow {uri} run {tracker.run_id}", flush=True)
@@ -159,9 +167,11 @@ def _uri(cfg: Config, path: str) -> str:
     return f"{scheme}://{path}"
 
 
-def connect(cfg: Config | None = None) -> None:
+def connect(cfg: Config | None = None, *, num_cpus: int | None = None, dashboard: bool = False) -> None:
     """Attach to the cluster named by RAY_ADDRESS (set by `ray job submit`; "auto" finds a local head), else
-    start a private local Ray with enough logical CPUs for the trainers plus Ray Data's tasks."""
+    start a private local Ray with enough logical CPUs for the trainers plus Ray Data's tasks (or `num_cpus`).
+    `dashboard` starts the dashboard, whose state API Ray Train's placement-group cleaner needs: without it the
+    resources of a trial that Tune stopped stay reserved and the next trial waits."""
     import ray
 
     if ray.is_initialized():
@@ -173,5 +183,5 @@ def connect(cfg: Config | None = None) -> None:
     need = 1
     if cfg is not None:
         need = int(cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + 0.999) + 1
-    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, need), include_dashboard=False,
+    ray.init(address="local", num_cpus=num_cpus or max(os.cpu_count() or 1, need), include_dashboard=dashboard,
              runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled"}})
