@@ -194,13 +194,34 @@ def test_results_table_sorts_by_objective_with_errors_last():
 def test_sweep_ray_serves_the_state_api_that_frees_stopped_trials(tmp_path):
     """When ASHA stops a trial, only Ray Train's placement-group cleaner releases that trial's CPUs, and it
     asks the dashboard's state API whether the controller died. Without it (include_dashboard=False) the next
-    trial waited ~14 minutes on 2 cores; the local Ray that pipelines/tune.py starts must serve it."""
-    code = ("from magface.train.trainer import connect\n"
-            "connect(None, num_cpus=1, dashboard=True)\n"
-            "from ray.util.state import list_actors\n"
-            "print('actors', len(list_actors(timeout=30)))\n")
+    trial waited ~14 minutes on 2 cores; the local Ray that pipelines/tune.py starts must serve it to its
+    workers, also while another Ray instance runs on the machine (this test session's own)."""
+    code = """
+import ray
+from magface.train.trainer import connect
+connect(None, num_cpus=1, dashboard=True)
+
+@ray.remote(num_cpus=0)
+class Probe:
+    def ping(self):
+        return 1
+
+@ray.remote(num_cpus=0)
+def alive(actor_id):  # what the cleaner asks, from a worker process as the cleaner does
+    from ray.train.v2._internal.state.util import is_actor_alive
+    return bool(is_actor_alive(actor_id=actor_id, timeout=30))
+
+a = Probe.remote()
+ray.get(a.ping.remote())
+aid = a._actor_id.hex()
+before = ray.get(alive.remote(aid))
+ray.kill(a)
+import time
+time.sleep(2)
+print("alive", before, ray.get(alive.remote(aid)))
+"""
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(REPO)}
     env.pop("RAY_ADDRESS", None)
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=180,
                          cwd=tmp_path)
-    assert out.returncode == 0 and "actors" in out.stdout, out.stdout[-2000:] + out.stderr[-2000:]
+    assert out.returncode == 0 and "alive True False" in out.stdout, out.stdout[-2000:] + out.stderr[-2000:]

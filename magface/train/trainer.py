@@ -183,5 +183,20 @@ def connect(cfg: Config | None = None, *, num_cpus: int | None = None, dashboard
     need = 1
     if cfg is not None:
         need = int(cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + 0.999) + 1
+    env = {"RAY_AUTH_MODE": "disabled"}
+    extra = {}
+    if dashboard:
+        # Workers find the state API by scanning for Ray instances, which fails when this machine runs another
+        # one (a test session, a second sweep); name this instance's dashboard to them explicitly.
+        extra["dashboard_port"] = _free_port()
+        env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{extra['dashboard_port']}"
     ray.init(address="local", num_cpus=num_cpus or max(os.cpu_count() or 1, need), include_dashboard=dashboard,
-             runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled"}})
+             runtime_env={"env_vars": env}, **extra)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
