@@ -55,7 +55,7 @@ def main(argv=None) -> int:
 
     from magface.train.trainer import connect
 
-    connect(cfg, num_cpus=args.num_cpus, dashboard=True)
+    connect(cfg, num_cpus=args.num_cpus)
     t0 = time.perf_counter()
     result = run_sweep(cfg, settings, name=args.name, storage=args.storage_path, output_dir=args.output_dir,
                        where=args.config)

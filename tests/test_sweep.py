@@ -199,7 +199,7 @@ def test_sweep_ray_serves_the_state_api_that_frees_stopped_trials(tmp_path):
     code = """
 import ray
 from magface.train.trainer import connect
-connect(None, num_cpus=1, dashboard=True)
+connect(None, num_cpus=1)
 
 @ray.remote(num_cpus=0)
 class Probe:

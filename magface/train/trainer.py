@@ -167,11 +167,12 @@ def _uri(cfg: Config, path: str) -> str:
     return f"{scheme}://{path}"
 
 
-def connect(cfg: Config | None = None, *, num_cpus: int | None = None, dashboard: bool = False) -> None:
+def connect(cfg: Config | None = None, *, num_cpus: int | None = None, dashboard: bool = True) -> None:
     """Attach to the cluster named by RAY_ADDRESS (set by `ray job submit`; "auto" finds a local head), else
     start a private local Ray with enough logical CPUs for the trainers plus Ray Data's tasks (or `num_cpus`).
-    `dashboard` starts the dashboard, whose state API Ray Train's placement-group cleaner needs: without it the
-    resources of a trial that Tune stopped stay reserved and the next trial waits."""
+    `dashboard` starts the dashboard (http://127.0.0.1:<port>, printed by Ray), whose state API Ray Train's
+    placement-group cleaner needs: without it the CPUs of a trial that Tune stopped stay reserved and the next
+    trial waits, and the cleaner warns every second of a training run."""
     import ray
 
     if ray.is_initialized():
