@@ -2,7 +2,7 @@
 per trial under a parent run for the sweep).
 
     python pipelines/tune.py --config configs/demo.yaml --num-samples 4
-    python pipelines/tune.py --config configs/tune_demo.yaml --search optuna --metric val_spearman
+    python pipelines/tune.py --config configs/demo.yaml --search optuna --metric val_spearman
     ray job submit --working-dir . -- python pipelines/tune.py --config configs/X.yaml --num-samples 32
 
 A `tune:` section in the YAML (or `--set tune.key=value`, `--set tune.space.l_a=[5,20]`) holds the sweep
