@@ -55,9 +55,7 @@ class PixelConvention:
                 x = x[..., ::-1]
             x = (x - self.mean) / self.std
             return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
-        import torch
-
-        x = images
+        x = images  # a torch tensor
         if self.channel_order == "BGR":
             x = x.flip(-1)
         x = x.permute(0, 3, 1, 2).float()

@@ -78,7 +78,6 @@ def test_warp_affine_matches_direct_bilinear_sampling():
 
 
 def test_align_face_undoes_a_known_similarity():
-    rng = np.random.default_rng(2)
     # a smooth 112x112 "face" so bilinear resampling error stays small
     yy, xx = np.mgrid[0:112, 0:112]
     face = np.stack([128 + 100 * np.sin(xx / 9.0), 128 + 100 * np.cos(yy / 11.0), (xx + yy)], -1)
