@@ -61,6 +61,15 @@ class ModelConfig:
     # the global batch is split across workers
     freeze_bn: bool = False
     sample_rate: float = 1.0  # partial-FC class sampling in the sharded classifier (1.0: all classes)
+    # Train the final feature BatchNorm's scale (official MagFace) or freeze it at 1 (arcface_torch).
+    # None follows the loss: trainable for the MagFace kinds, whose magnitude must be free to move.
+    trainable_feature_scale: Optional[bool] = None
+
+    def resolved_feature_scale(self, loss) -> bool:
+        """The feature BatchNorm's scale setting for this loss (see `trainable_feature_scale`)."""
+        if self.trainable_feature_scale is not None:
+            return bool(self.trainable_feature_scale)
+        return bool(loss.uses_magnitude)
 
     def validate(self, where: str) -> None:
         _positive(where, "model.embedding_size", self.embedding_size)

@@ -2,8 +2,12 @@
 
 Stem: 3x3 stride-1 conv -> BN -> PReLU. IBasicBlock: BN -> conv3x3 -> BN -> PReLU -> conv3x3(stride) -> BN,
 with a 1x1 conv + BN shortcut where the shape changes; the first block of every stage has stride 2.
-Head: BN2d -> Dropout -> Linear(512 * (input/16)^2, embedding) -> BN1d (scale fixed to 1). The output is the
-un-normalised embedding: its norm is MagFace's quality score. BN eps 2e-5 as in the MXNet originals.
+Head: BN2d -> Dropout -> Linear(512 * (input/16)^2, embedding) -> BN1d. The output is the un-normalised
+embedding: its norm is MagFace's quality score. BN eps 2e-5 as in the MXNet originals (a backbone setting).
+
+The final BN1d's scale: arcface_torch freezes it at 1, the official MagFace trains it. Frozen, the batch
+mean of ||f||^2 in training mode is exactly d + ||bias||^2, which pins the mean magnitude near sqrt(d) and
+leaves MagFace's magnitude term nothing to move; `trainable_feature_scale` chooses (saved in checkpoints).
 """
 
 from __future__ import annotations
@@ -48,23 +52,25 @@ class IBasicBlock(nn.Module):
 
 
 class EmbeddingHead(nn.Module):
-    """BN2d -> Dropout -> flatten -> Linear -> BN1d with a fixed unit scale (as insightface/MagFace)."""
+    """BN2d -> Dropout -> flatten -> Linear -> BN1d; the BN1d scale starts at 1 and trains only if asked."""
 
-    def __init__(self, channels: int, spatial: int, embedding_size: int, dropout: float):
+    def __init__(self, channels: int, spatial: int, embedding_size: int, dropout: float,
+                 trainable_feature_scale: bool = False):
         super().__init__()
         self.bn = nn.BatchNorm2d(channels, eps=BN_EPS)
         self.dropout = nn.Dropout(dropout)
         self.fc = nn.Linear(channels * spatial * spatial, embedding_size)
         self.features = nn.BatchNorm1d(embedding_size, eps=BN_EPS)
         nn.init.constant_(self.features.weight, 1.0)
-        self.features.weight.requires_grad = False
+        self.features.weight.requires_grad = bool(trainable_feature_scale)
 
     def forward(self, x):
         return self.features(self.fc(torch.flatten(self.dropout(self.bn(x)), 1)))
 
 
 class IResNet(nn.Module):
-    def __init__(self, layers, embedding_size: int = 512, input_size: int = 112, dropout: float = 0.4):
+    def __init__(self, layers, embedding_size: int = 512, input_size: int = 112, dropout: float = 0.4,
+                 trainable_feature_scale: bool = False):
         super().__init__()
         if input_size % 16:
             raise ValueError(f"IResNet: input_size must be a multiple of 16, got {input_size}")
@@ -75,7 +81,7 @@ class IResNet(nn.Module):
             stages.append(nn.Sequential(*blocks))
             cin = width
         self.stages = nn.Sequential(*stages)
-        self.head = EmbeddingHead(WIDTHS[-1], input_size // 16, embedding_size, dropout)
+        self.head = EmbeddingHead(WIDTHS[-1], input_size // 16, embedding_size, dropout, trainable_feature_scale)
         for mod in self.modules():
             if isinstance(mod, nn.Conv2d):
                 nn.init.kaiming_normal_(mod.weight, mode="fan_out", nonlinearity="relu")
@@ -84,5 +90,7 @@ class IResNet(nn.Module):
         return self.head(self.stages(self.stem(x)))
 
 
-def iresnet(name: str, embedding_size: int = 512, input_size: int = 112, dropout: float = 0.4) -> IResNet:
-    return IResNet(STAGES[name], embedding_size=embedding_size, input_size=input_size, dropout=dropout)
+def iresnet(name: str, embedding_size: int = 512, input_size: int = 112, dropout: float = 0.4,
+            trainable_feature_scale: bool = False) -> IResNet:
+    return IResNet(STAGES[name], embedding_size=embedding_size, input_size=input_size, dropout=dropout,
+                   trainable_feature_scale=trainable_feature_scale)

@@ -27,7 +27,8 @@ class ResidualConv(nn.Module):
 
 
 class SmallNet(nn.Module):
-    def __init__(self, embedding_size: int = 256, input_size: int = 64, width: int = 32, dropout: float = 0.0):
+    def __init__(self, embedding_size: int = 256, input_size: int = 64, width: int = 32, dropout: float = 0.0,
+                 trainable_feature_scale: bool = False):
         super().__init__()
         if input_size % 8:
             raise ValueError(f"SmallNet: input_size must be a multiple of 8, got {input_size}")
@@ -41,7 +42,7 @@ class SmallNet(nn.Module):
             conv_bn_act(2 * w, 4 * w, stride=2),
             ResidualConv(4 * w),
         )
-        self.head = EmbeddingHead(4 * w, input_size // 8, embedding_size, dropout)
+        self.head = EmbeddingHead(4 * w, input_size // 8, embedding_size, dropout, trainable_feature_scale)
 
     def forward(self, x):
         return self.head(self.body(x))

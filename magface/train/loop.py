@@ -111,7 +111,8 @@ def train_loop_per_worker(config: dict) -> None:
     torch.manual_seed(cfg.train.seed)
 
     # ---- model: backbone in DDP, classifier shard outside it
-    backbone_kwargs = dict(cfg.model.backbone_kwargs)
+    backbone_kwargs = {"trainable_feature_scale": cfg.model.resolved_feature_scale(cfg.loss),
+                       **cfg.model.backbone_kwargs}
     backbone = get_backbone(cfg.model.backbone, embedding_size=cfg.model.embedding_size,
                             input_size=cfg.data.image_size, **backbone_kwargs)
     if cfg.model.sync_bn and world > 1:
