@@ -111,7 +111,7 @@ def bench_ray(recs: list[str], cpus: int, epochs: int, batch_size: int) -> dict:
     from magface.data import decode_images, read_recordio
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     try:
         ds = decode_images(read_recordio(recs, override_num_blocks=2 * cpus), seed=0, batch_size=batch_size)

@@ -1,4 +1,4 @@
-"""Console script `magface`: model utilities (export, model statistics)."""
+"""Console script `magface`: model utilities (export, weight import, model statistics)."""
 
 from __future__ import annotations
 
@@ -33,6 +33,19 @@ def _model_stats(args) -> int:
     return 0
 
 
+def _import_weights(args) -> int:
+    from magface.models.imported import WeightsImportError, import_weights
+
+    try:
+        path = import_weights(args.src, args.source, args.out, arch=args.arch)
+    except (WeightsImportError, FileNotFoundError, ValueError) as e:
+        print(f"magface import-weights: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {path} (use it with Embedder.from_checkpoint, pipelines/evaluate.py --checkpoint "
+          f"{args.out}, or model.init_from={args.out})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="magface", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -42,6 +55,15 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--out", required=True, help="output file")
     exp.add_argument("--opset", type=int, default=17)
     exp.set_defaults(func=_export)
+    imp = sub.add_parser("import-weights", help="convert official MagFace / arcface_torch iResNet weights into a "
+                                                "project checkpoint")
+    imp.add_argument("--from", dest="source", required=True, choices=("magface", "insightface"),
+                     help="magface: an official MagFace checkpoint (magface_epoch_00025.pth); insightface: an "
+                          "arcface_torch backbone.pth")
+    imp.add_argument("src", help="the weights file")
+    imp.add_argument("--arch", help="iresnet18/34/50/100/200 (default: read from the keys, checked when given)")
+    imp.add_argument("--out", required=True, help="checkpoint directory to write (model.pt)")
+    imp.set_defaults(func=_import_weights)
     stats = sub.add_parser("model-stats", help="parameters and multiply-accumulates per image")
     stats.add_argument("--backbone", help="one backbone (default: all)")
     stats.add_argument("--embedding-size", type=int, default=512)

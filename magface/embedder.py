@@ -5,11 +5,12 @@ The pixel convention is read from the checkpoint and applied here; nothing about
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 
-from magface.checkpoint import load_model_file
-from magface.models import get_backbone
+from magface.checkpoint import build_backbone_checked, check_not_incomplete, load_model_file
 from magface.preprocess import PixelConvention
 
 
@@ -23,9 +24,10 @@ class Embedder:
     @classmethod
     def from_checkpoint(cls, path, device=None) -> "Embedder":
         """`path`: a checkpoint directory holding model.pt, or the model.pt file."""
+        if str(path).startswith("s3://") and not str(path).endswith(".pt") or Path(path).is_dir():
+            check_not_incomplete(path)  # a folder whose manifests say a copy was cut short
         ckpt = load_model_file(path)
-        model = get_backbone(ckpt["backbone"], **ckpt["backbone_kwargs"])
-        model.load_state_dict(ckpt["state_dict"])
+        model = build_backbone_checked(ckpt, file=path)
         input_size = ckpt["backbone_kwargs"].get("input_size", 112)
         return cls(model, PixelConvention.from_dict(ckpt["preprocessing"]), input_size, device)
 

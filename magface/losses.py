@@ -22,11 +22,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 KINDS = ("magface", "mag_cosface", "arcface", "cosface", "combined", "softmax")
+DEFAULT_MARGIN = {"arcface": 0.5, "cosface": 0.35}  # the papers' values, used when LossConfig.m is None
 MAG_KINDS = ("magface", "mag_cosface")
 
 
@@ -47,7 +49,9 @@ class LossConfig:
 
     kind: str = "magface"
     s: float = 64.0
-    m: float = 0.5  # arcface / cosface fixed margin
+    # arcface / cosface fixed margin; None: the value of the paper each loss comes from, ArcFace m = 0.5
+    # (Deng et al. 2019) and CosFace m = 0.35 (Wang et al. 2018)
+    m: Optional[float] = None
     m1: float = 1.0  # combined margin cos(m1*theta + m2) - m3
     m2: float = 0.3
     m3: float = 0.2
@@ -59,13 +63,20 @@ class LossConfig:
     easy_margin: bool = False  # angular margin only where cos(theta) > 0; else ArcFace's linear fallback
     allow_infeasible: bool = False  # accept lambda_g below the feasibility bound (ablations only)
 
+    @property
+    def fixed_margin(self) -> float:
+        """`m`, or the paper default of this kind (ArcFace 0.5, CosFace 0.35)."""
+        if self.m is not None:
+            return float(self.m)
+        return DEFAULT_MARGIN.get(self.kind, 0.5)
+
     def validate(self) -> "LossConfig":
         """Raise ValueError naming the offending field; return self for chaining."""
         if self.kind not in KINDS:
             raise ValueError(f"LossConfig.kind: unknown loss {self.kind!r}; choose one of {KINDS}")
         if not self.s > 0:
             raise ValueError(f"LossConfig.s: scale must be > 0, got {self.s}")
-        if self.kind in ("arcface", "cosface") and not 0 <= self.m < math.pi / 2:
+        if self.kind in ("arcface", "cosface") and not 0 <= self.fixed_margin < math.pi / 2:
             raise ValueError(f"LossConfig.m: margin must be in [0, pi/2), got {self.m}")
         if self.kind == "combined" and not self.m1 > 0:
             raise ValueError(f"LossConfig.m1: must be > 0, got {self.m1}")
@@ -127,9 +138,9 @@ def _margins(magnitude: torch.Tensor, cfg: LossConfig):
     if cfg.kind == "mag_cosface":
         return 1.0, 0.0, margin_of(clamp_magnitude(magnitude, cfg), cfg)
     if cfg.kind == "arcface":
-        return 1.0, cfg.m, 0.0
+        return 1.0, cfg.fixed_margin, 0.0
     if cfg.kind == "cosface":
-        return 1.0, 0.0, cfg.m
+        return 1.0, 0.0, cfg.fixed_margin
     if cfg.kind == "combined":
         return cfg.m1, cfg.m2, cfg.m3
     return 1.0, 0.0, 0.0

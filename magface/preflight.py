@@ -1,5 +1,5 @@
-"""Fail-fast checks before a job starts: every `s3://` bucket a config names must be reachable with the
-credentials at hand, so a missing bucket or key fails in seconds on the driver, not after the cluster has
+"""Fail-fast checks before a job starts: a template config must have its placeholders filled in, local
+shards must exist, every `s3://` bucket a config names must be reachable with the credentials at hand, so a missing bucket or key fails in seconds on the driver, not after the cluster has
 scaled up and the first epoch is half read. An unreachable MLflow server is only a warning: tracking never
 stops training (see magface/tracking.py).
 
@@ -91,12 +91,53 @@ def check_mlflow(uri: str | None = None, *, timeout_s: float = 5.0) -> str | Non
             "MLflow if the server is still down when it starts")
 
 
-def preflight(config: Any, *, mlflow_uri: str | None = None, timeout_s: float = 5.0) -> list[str]:
-    """Raise PreflightError naming each bucket and what is missing; return warnings (MLflow) otherwise.
-    The MLflow server checked is `mlflow_uri`, else the config's tracking.tracking_uri, else
-    MLFLOW_TRACKING_URI."""
+PLACEHOLDER = "YOUR-"  # how the shipped templates mark values to fill in (s3://YOUR-BUCKET/...)
+
+
+def find_placeholders(config: Any, prefix: str = "") -> list[str]:
+    """Fields of a template config still holding a placeholder value, e.g. ["data.train[0]", ...]."""
+    config = _as_tree(config)
+    if isinstance(config, Mapping):
+        return [f for k, v in config.items() for f in find_placeholders(v, f"{prefix}.{k}" if prefix else str(k))]
+    if isinstance(config, (list, tuple)):
+        return [f for i, v in enumerate(config) for f in find_placeholders(v, f"{prefix}[{i}]")]
+    return [prefix] if isinstance(config, str) and PLACEHOLDER in config else []
+
+
+def check_local_shards(config: Any) -> list[str]:
+    """Each local data.train entry must be an existing .rec or a folder holding some: found on the driver in
+    milliseconds rather than by Ray Data's first read task after Ray has started."""
+    from magface.data import storage
+
     tree = _as_tree(config)
-    problems = check_s3(buckets_by_field(tree))
+    paths = ((tree.get("data") or {}).get("train") or []) if isinstance(tree, Mapping) else []
+    paths = [paths] if isinstance(paths, str) else paths
+    problems = []
+    for i, p in enumerate(paths):
+        p = str(p)
+        if storage.is_s3(p):
+            continue
+        local = os.path.expanduser(p)
+        if p.endswith(".rec"):
+            if not os.path.isfile(local):
+                problems.append(f"data.train[{i}]: {p} does not exist")
+        elif not os.path.isdir(local):
+            problems.append(f"data.train[{i}]: {p} does not exist (give .rec shards or a folder holding them)")
+        elif not storage.list_files(local, ".rec"):
+            problems.append(f"data.train[{i}]: {p} holds no .rec shards")
+    return problems
+
+
+def preflight(config: Any, *, mlflow_uri: str | None = None, timeout_s: float = 5.0) -> list[str]:
+    """Raise PreflightError naming each placeholder left in a template, each missing local shard and each
+    bucket and what is missing; return warnings (MLflow) otherwise. The MLflow server checked is
+    `mlflow_uri`, else the config's tracking.tracking_uri, else MLFLOW_TRACKING_URI."""
+    tree = _as_tree(config)
+    holes = find_placeholders(tree)
+    if holes:
+        raise PreflightError([f"this config is a template: fill in {', '.join(holes)} (they still hold "
+                              f"'{PLACEHOLDER}...' placeholders), in the YAML or with --set KEY=VALUE"])
+    problems = check_local_shards(tree) + check_s3(buckets_by_field(tree))
     if problems:
         raise PreflightError(problems)
     if mlflow_uri is None and isinstance(tree, Mapping):

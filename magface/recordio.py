@@ -12,6 +12,7 @@ flag 0. The `.idx` file holds `key<TAB>byte offset` lines.
 
 from __future__ import annotations
 
+import bisect
 import mmap
 import numbers
 import os
@@ -130,6 +131,7 @@ def iter_records(buf, *, base_offset: int = 0, path="<buffer>", skip_bad: bool =
     while pos < n:
         try:
             payload, end = _parse_record(mv, pos, base_offset, path)
+            _check_record_end(mv, pos, end, base_offset, path)
         except RecordIOError as err:
             if not skip_bad:
                 raise
@@ -154,6 +156,8 @@ def _parse_record(mv: memoryview, pos: int, base_offset: int, path) -> tuple[byt
         if pos > n:
             raise RecordIOError(path, base_offset + begin - 8, f"truncated record: chunk needs "
                                 f"{length + _pad(length)} payload bytes, {n - begin} left")
+        if any(mv[end:pos]):
+            raise _bad_padding(path, base_offset + begin - 8, length)
         if flag == _WHOLE:
             return bytes(mv[begin:end]), pos
         if parts is None:
@@ -162,6 +166,61 @@ def _parse_record(mv: memoryview, pos: int, base_offset: int, path) -> tuple[byt
         parts += (_MAGIC_BYTES, mv[begin:end])
         if flag == _END:
             return b"".join(parts), pos
+
+
+def _bad_padding(path, offset: int, length: int) -> RecordIOError:
+    # Writers pad with zeros; data there means the length field lost bytes of the payload.
+    return RecordIOError(path, offset, f"non-zero padding after a {length}-byte chunk: the length field is "
+                                       "corrupt (it cuts off payload bytes)")
+
+
+def _check_record_end(mv: memoryview, pos: int, end: int, base_offset: int, path) -> None:
+    """Without an index, a corrupt length field is caught by what follows the record: the next record must
+    start where it ends. When it does not, blame this record unless the bytes there look like the next
+    record's header with a damaged magic/flag (its length lands exactly on the following record start)."""
+    n = len(mv)
+    if end == n or _starts_record(mv, end) or bytes(mv[end:end + 4]) == _MAGIC_BYTES[:n - end]:
+        return  # a record (perhaps a broken one, reported when parsed) starts here
+    hit = _resync(mv, pos + 4, base_offset)  # the next whole/start chunk after this record's own start
+    if hit < end:
+        raise RecordIOError(path, base_offset + pos, f"the record's chunks run to byte offset {base_offset + end}, "
+                            f"past a record starting at {base_offset + hit} (a corrupt length field)")
+    if n - end >= 8:
+        length = _CHUNK_HEAD.unpack_from(mv, end)[1] & _LEN_MASK
+        if end + 8 + length + _pad(length) == hit:
+            return  # this record is sound; the next one's header is damaged (reported when it is parsed)
+    raise RecordIOError(path, base_offset + pos, f"the record's chunks end at byte offset {base_offset + end}, "
+                        "where no record starts (a corrupt length field)")
+
+
+def _starts_record(mv, pos: int) -> bool:
+    """Whether a whole/start chunk header lies at mv[pos]."""
+    if len(mv) - pos < 8:
+        return False
+    magic, lrec = _CHUNK_HEAD.unpack_from(mv, pos)
+    return magic == MAGIC and lrec >> 29 in (_WHOLE, _START)
+
+
+def read_extent(buf, start: int, end: int, *, base_offset: int = 0, path="<buffer>") -> bytes:
+    """The payload of the record at buf[start], checked against its extent [start, end) from the index: it must
+    end exactly at `end` (the next indexed record, or the end of the file), or where another (unindexed)
+    record starts. Offsets in messages are file offsets (`base_offset` is the file offset of buf[0])."""
+    mv = memoryview(buf)
+    if mv.ndim != 1 or mv.itemsize != 1:
+        mv = mv.cast("B")
+    mv = mv[:end]
+    try:
+        payload, stop = _parse_record(mv, start, base_offset, path)
+    except RecordIOError as err:
+        if err.reason.startswith("truncated"):
+            raise RecordIOError(path, err.offset, f"{err.reason}: the chunk runs past the next indexed record at "
+                                f"byte offset {base_offset + end} (a corrupt length field or .idx offset)") from None
+        raise
+    if stop != end and not _starts_record(mv, stop):
+        raise RecordIOError(path, base_offset + start, f"the record ends at byte offset {base_offset + stop} but the "
+                            f"next indexed record starts at {base_offset + end} and no record starts in between "
+                            "(a corrupt length field or .idx offset)")
+    return payload
 
 
 def _resync(mv: memoryview, pos: int, base_offset: int) -> int:
@@ -177,11 +236,17 @@ def _resync(mv: memoryview, pos: int, base_offset: int) -> int:
         pos = hit + 1
 
 
-def _read_record(f, path) -> bytes | None:
-    """Read the record at the file position of `f`; None at a clean end of file."""
+def _read_record(f, path, end: int | None = None) -> bytes | None:
+    """Read the record at the file position of `f`; None at a clean end of file. No chunk may run past
+    byte `end` (default: the end of the file), so a corrupt length never makes a large read."""
+    if end is None:
+        end = os.fstat(f.fileno()).st_size
     parts = None
     while True:
         offset = f.tell()
+        if parts is not None and offset + 8 > end:
+            raise RecordIOError(path, offset, f"truncated record header: a split record continues past byte "
+                                f"offset {end}")
         raw = f.read(8)
         if not raw and parts is None:
             return None
@@ -189,9 +254,14 @@ def _read_record(f, path) -> bytes | None:
             raise RecordIOError(path, offset, f"truncated record header: {len(raw)} of 8 bytes")
         flag, length = _decode_chunk_head(*_CHUNK_HEAD.unpack(raw), offset, path, parts is not None)
         want = length + _pad(length)
+        if offset + 8 + want > end:
+            raise RecordIOError(path, offset, f"truncated record: chunk needs {want} payload bytes, "
+                                f"{max(0, end - offset - 8)} left before byte offset {end}")
         chunk = f.read(want)
         if len(chunk) < want:
             raise RecordIOError(path, offset, f"truncated record: chunk needs {want} payload bytes, {len(chunk)} left")
+        if any(chunk[length:]):
+            raise _bad_padding(path, offset, length)
         if flag == _WHOLE:
             return chunk[:length]
         if parts is None:
@@ -228,8 +298,16 @@ def parse_index(text, *, path="<index>", rec_size: int | None = None, key_type=i
     With `rec_size`, offsets that leave no room for a record header before the end of the `.rec` fail.
     """
     if isinstance(text, (bytes, bytearray, memoryview)):
-        text = bytes(text).decode("utf-8")
+        raw = bytes(text)
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            line = raw[:exc.start].count(b"\n") + 1
+            raise RecordIOError(path, None, f"not UTF-8 text (byte {exc.start} of the .idx); an .idx holds "
+                                            "'key<TAB>offset' lines: rebuild it (magface.recordio.build_index)",
+                                line=line) from None
     index: dict = {}
+    owner: dict = {}  # offset -> key
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
@@ -248,7 +326,11 @@ def parse_index(text, *, path="<index>", rec_size: int | None = None, key_type=i
                                 line=lineno)
         if key in index:
             raise RecordIOError(path, None, f"duplicate key {key!r} (first at offset {index[key]})", line=lineno)
+        if offset in owner:
+            raise RecordIOError(path, None, f"keys {owner[offset]!r} and {key!r} both at offset {offset}: one "
+                                            "record cannot have two keys", line=lineno)
         index[key] = offset
+        owner[offset] = key
     return index
 
 
@@ -270,11 +352,15 @@ def build_index(rec_path, key_from: str = "position", *, skip_bad: bool = False)
     """Scan a `.rec` and return (key, offset) for every record.
 
     key_from="position": keys 0..N-1 in file order (what MXNet's sequential `write_idx` loops produce);
-    "header_id": each record's IRHeader.id.
+    "header_id": each record's IRHeader.id. `skip_bad` needs "header_id": positions after a skipped spot
+    would silently shift to other records' keys.
     """
     if key_from not in ("position", "header_id"):
         raise ValueError(f"key_from must be 'position' or 'header_id', got {key_from!r}")
-    pairs = []
+    if skip_bad and key_from == "position":
+        raise ValueError("build_index(skip_bad=True) needs key_from='header_id': after a skipped bad spot, "
+                         "record positions no longer match the keys the writer gave")
+    pairs, error = [], None
     with open(rec_path, "rb") as f:
         if os.fstat(f.fileno()).st_size == 0:
             return pairs
@@ -289,8 +375,12 @@ def build_index(rec_path, key_from: str = "position", *, skip_bad: bool = False)
                                                               f"for a {_IR_SIZE}-byte IRHeader")
                     else:
                         pairs.append((_IR.unpack_from(payload)[2], offset))
+            except RecordIOError as exc:
+                error = exc.with_traceback(None)  # its frames hold views into the mmap, which must close
             finally:
                 records.close()  # releases the memoryview before the mmap closes
+    if error is not None:
+        raise error
     return pairs
 
 
@@ -414,12 +504,14 @@ class MXIndexedRecordIO(MXRecordIO):
         self.idx: dict = {}
         self.keys: list = []
         self._fidx = None
+        self._bounds = None
         super().__init__(uri, flag)
 
     def open(self):
         super().open()
         self.idx = {}
         self.keys = []
+        self._bounds = None
         if self.writable:
             self._idx_tmp = _tmp_name(self.idx_path)
             self._fidx = open(self._idx_tmp, "w", encoding="utf-8", newline="\n")
@@ -460,10 +552,32 @@ class MXIndexedRecordIO(MXRecordIO):
         self._f.seek(offset)
 
     def read_idx(self, idx) -> bytes:
+        """The record with key `idx`, checked to end where the next indexed record starts (or where some
+        other record starts, or at the end of the file): a corrupt length cannot pass as a shorter or longer
+        record."""
         self.seek(idx)
-        record = self.read()
+        start = self.idx[idx]
+        if self._bounds is None:  # sorted record offsets and the file size, built on first use
+            self._bounds = sorted(set(self.idx.values())) + [os.fstat(self._f.fileno()).st_size]
+        end = self._bounds[bisect.bisect_right(self._bounds, start)] if start < self._bounds[-1] else start
+        try:
+            record = _read_record(self._f, self.uri, end)
+        except RecordIOError as err:
+            reason = err.reason
+            if reason.startswith("truncated") and end < self._bounds[-1]:
+                reason = (f"the record runs past the next indexed record at byte offset {end} (a corrupt length "
+                          "field or .idx offset)")
+            raise RecordIOError(self.uri, start, f"key {idx!r}: {reason}") from None
         if record is None:
-            raise RecordIOError(self.uri, self.idx[idx], f"key {idx!r} points at the end of the file")
+            raise RecordIOError(self.uri, start, f"key {idx!r} points at the end of the file")
+        stop = self._f.tell()  # <= end: _read_record never reads past it
+        if stop != end:
+            head = self._f.read(8)
+            self._f.seek(stop)
+            if not _starts_record(head, 0):
+                raise RecordIOError(self.uri, start, f"key {idx!r}: the record ends at byte offset {stop} but the "
+                                    f"next indexed record starts at {end} and no record starts in between "
+                                    "(a corrupt length field or .idx offset)")
         return record
 
     def write_idx(self, idx, buf) -> None:

@@ -150,14 +150,20 @@ class ShardedClassifier(nn.Module):
         labels = torch.where(owned, remap[local_targets.clamp_min(0)], local_targets)
         return index, labels
 
-    def forward(self, local_features: torch.Tensor, local_labels: torch.Tensor):
+    def forward(self, local_features: torch.Tensor, local_labels: torch.Tensor, counts: list[int] | None = None):
+        """`counts`: every rank's batch size, when the caller knows them (the training loop does); else they
+        are all-gathered, costing one collective and one device-to-host read."""
         cfg, w = self.loss_cfg, self.world_size
         distributed = w > 1
         if distributed:
-            counts = torch.tensor([local_features.shape[0]], device=local_features.device)
-            all_counts = [torch.zeros_like(counts) for _ in range(w)]
-            dist.all_gather(all_counts, counts)
-            counts = [int(c) for c in all_counts]
+            if counts is None:
+                mine = torch.tensor([local_features.shape[0]], device=local_features.device)
+                gathered = [torch.zeros_like(mine) for _ in range(w)]
+                dist.all_gather(gathered, mine)
+                counts = torch.cat(gathered).tolist()
+            elif len(counts) != w or counts[self.rank] != local_features.shape[0]:
+                raise ValueError(f"ShardedClassifier: counts {counts} do not match world size {w} and this "
+                                 f"rank's batch of {local_features.shape[0]}")
             features = _GatherRows.apply(local_features, counts, self.rank, float(w))
             labels = _gather_plain(local_labels, counts)
             local_for_reg = _ScaleGrad.apply(local_features, float(w))

@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 TUNE_SECTION = "tune"
 OBJECTIVES = ("val_accuracy", "val_tar_at_far", "val_spearman")
-LOSS_KEYS = ("l_a", "u_a", "l_m", "u_m", "lambda_g")
+DERIVED_KEYS = ("u_a", "u_m", "lambda_g")  # loss values computed from the searched coordinates (RAW_KEYS)
 STATE_FILE = "sweep.json"
 # The trial function only drives its TorchTrainer: no CPU (a fractional one would leave Ray Data's 1-CPU read
 # tasks unschedulable on a 2-core node). Tune refuses an empty request, so it asks for a little logical memory.
@@ -55,6 +55,9 @@ class SweepSettings:
     reduction_factor: int = 2
     max_failures: int = 1  # Tune-level retries of a failed trial (Train retries workers per train.max_failures)
     far: float = 1e-2  # the FAR of val_tar_at_far
+    # A trial whose training magnitudes sit at l_a or u_a in more than this fraction (collapse_frac) is marked
+    # collapsed and is not recommended as best_config.yaml while any trial is not (MagFace#42: x_norm at l_a).
+    max_collapse_frac: float = 0.05
     heldout: str | None = None  # .bin with <name>_quality.csv beside it; None: <eval.data_root>'s synth.bin
     space: SearchSpace = field(default_factory=SearchSpace)
 
@@ -85,6 +88,8 @@ class SweepSettings:
             raise ConfigError(f"{where}: tune.reduction_factor must be >= 2, got {self.reduction_factor}")
         if not 0.0 < self.far < 1.0:
             raise ConfigError(f"{where}: tune.far must be in (0, 1), got {self.far}")
+        if not 0.0 <= self.max_collapse_frac <= 1.0:
+            raise ConfigError(f"{where}: tune.max_collapse_frac must be in [0, 1], got {self.max_collapse_frac}")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -190,6 +195,7 @@ def heldout_metrics(checkpoint_dir: str, heldout: HeldOut, *, far: float, l_a: f
     out = {"val_accuracy": float(acc),
            "val_tar_at_far": float(tar_at_far(np.sum(e1 * e2, axis=1), heldout.issame, fars=[far])[far]),
            "val_frac_at_l_a": magnitude_stats(mags, l_a, u_a)["mag_frac_at_l_a"],
+           "val_frac_at_u_a": magnitude_stats(mags, l_a, u_a)["mag_frac_at_u_a"],
            "val_mag_mean": float(mags.mean())}
     if heldout.quality is not None:
         rho = spearmanr(mags, heldout.quality).statistic
@@ -222,8 +228,8 @@ def make_report_callback(heldout_file: str, image_size: int, *, far: float, l_a:
                     self._heldout = load_heldout(heldout_file, image_size)
                 with checkpoint.as_directory() as d:
                     m.update(heldout_metrics(d, self._heldout, far=far, l_a=l_a, u_a=u_a))
-            if "epoch_mag_frac_at_l_a" in m:
-                m["collapse_frac"] = m["epoch_mag_frac_at_l_a"]  # training samples at l_a this epoch (rank 0)
+            if "epoch_mag_frac_at_l_a" in m:  # training samples at either bound this epoch (rank 0)
+                m["collapse_frac"] = max(m["epoch_mag_frac_at_l_a"], m.get("epoch_mag_frac_at_u_a", 0.0))
             if run_id:
                 m["mlflow_run_id"] = run_id
                 if self._tracker is None:
@@ -315,10 +321,10 @@ def default_max_concurrent(cfg: Config) -> int:
     import ray
 
     res = ray.cluster_resources()
-    per_trial = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
+    per_trial = cfg.scaling.max_workers * cfg.scaling.cpus_per_worker
     n = int((res.get("CPU", 1.0) - 1.0) // per_trial) if per_trial > 0 else 1
     if cfg.scaling.use_gpu:
-        n = min(n, int(res.get("GPU", 0.0) // (cfg.scaling.num_workers * cfg.scaling.gpus_per_worker)))
+        n = min(n, int(res.get("GPU", 0.0) // (cfg.scaling.max_workers * cfg.scaling.gpus_per_worker)))
     return max(1, n)
 
 
@@ -327,7 +333,7 @@ def check_cpus_left_for_data(cfg: Config, max_concurrent: int) -> None:
     import ray
 
     total = ray.cluster_resources().get("CPU", 0.0)
-    held = max_concurrent * cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
+    held = max_concurrent * cfg.scaling.max_workers * cfg.scaling.cpus_per_worker
     if not cfg.scaling.use_gpu and total - held < 1.0:
         raise ConfigError(f"{max_concurrent} trial(s) x {cfg.scaling.num_workers} worker(s) x "
                           f"{cfg.scaling.cpus_per_worker} CPUs leave {total - held:g} of {total:g} CPUs for Ray "
@@ -436,7 +442,8 @@ def run_sweep(cfg: Config, settings: SweepSettings, *, name: str | None = None, 
           f"MLflow parent run {parent.run_id}", flush=True)
     grid = tuner.fit()
 
-    table = results_table(grid, settings.metric, base_cfg.train.epochs, float(state["base"]["loss"]["s"]))
+    table = results_table(grid, settings.metric, base_cfg.train.epochs, float(state["base"]["loss"]["s"]),
+                          max_collapse_frac=settings.max_collapse_frac)
     out = Path(output_dir) if output_dir else (Path(exp_path) if not is_s3(exp_path) else Path.cwd() / name)
     out.mkdir(parents=True, exist_ok=True)
     csv_path = out / "trials.csv"
@@ -446,17 +453,22 @@ def run_sweep(cfg: Config, settings: SweepSettings, *, name: str | None = None, 
     fig.savefig(plot_path.with_suffix(".tmp.png"), dpi=110, bbox_inches="tight")
     os.replace(plot_path.with_suffix(".tmp.png"), plot_path)
     best_path = None
-    ok = table[table[settings.metric].notna()]
-    if len(ok):
-        best = ok.iloc[0]
-        best_cfg = trial_config(state["base"], {k: best[f"raw_{k}"] for k in RAW_KEYS},
+    best, note = choose_best(table, settings.metric, settings.max_collapse_frac)
+    caveat = note if note and note.startswith("WARNING") else None
+    if best is not None:
+        best_cfg = trial_config(state["base"], {k: best[k] for k in RAW_KEYS},
                                 name=f"{name}_best", storage=str(storage_path(cfg)))
         best_path = out / "best_config.yaml"
-        header = (f"# best trial {best['trial_id']} of sweep {name}: {settings.metric} = {best[settings.metric]:.4f}"
-                  f"\n# train it: python pipelines/train.py --config {best_path}\n")
+        header = (f"# best trial {best['trial_id']} of sweep {name}: {settings.metric} = {best[settings.metric]:.4f}, "
+                  f"collapse_frac = {_num(best['collapse_frac'])} (trials with more than "
+                  f"{settings.max_collapse_frac:g} are not chosen while any other is)\n"
+                  + (f"# {caveat}\n" if caveat else "")
+                  + f"# train it: python pipelines/train.py --config {best_path}\n")
         _atomic_text(best_path, header + yaml.safe_dump(best_cfg.to_dict(), sort_keys=False))
 
-    text = format_table(table, settings.metric)
+    text = format_table(table, settings.metric, settings.max_collapse_frac)
+    if note:
+        text += f"\n{note}"
     print(text, flush=True)
     with _bound_tracking_uri(uri):
         parent.log_artifact(csv_path)
@@ -464,7 +476,7 @@ def run_sweep(cfg: Config, settings: SweepSettings, *, name: str | None = None, 
         parent.log_text(text, "trials.txt")
         if best_path:
             parent.log_artifact(best_path)
-            parent.log_metrics({f"best_{settings.metric}": float(ok.iloc[0][settings.metric]),
+            parent.log_metrics({f"best_{settings.metric}": float(best[settings.metric]),
                                 "trials_finished": float((table["status"] != "ERROR").sum()),
                                 "trials_errored": float((table["status"] == "ERROR").sum())})
         for _, row in table.iterrows():  # trials stopped by ASHA or failed never closed their runs
@@ -481,9 +493,11 @@ def _atomic_text(path: Path, text: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------ results
-def results_table(grid, metric: str, max_epochs: int, s: float):
-    """One row per trial: status, epochs run, the loss's five numbers, the objectives at the trial's best
-    epoch (by `metric`), and the collapse fraction there. Sorted by `metric`, best first; errored trials last."""
+def results_table(grid, metric: str, max_epochs: int, s: float, max_collapse_frac: float = 0.05):
+    """One row per trial: status, epochs run, the searched coordinates (named as Tune samples them:
+    l_a, a_width, l_m, m_width, lambda_ratio) and the loss values they give (u_a, u_m, lambda_g), the
+    objectives at the trial's best epoch (by `metric`), the collapse fraction there and `collapsed`
+    ("yes" above max_collapse_frac). Sorted by `metric`, best first; errored trials last."""
     import pandas as pd
 
     rows = []
@@ -494,15 +508,17 @@ def results_table(grid, metric: str, max_epochs: int, s: float):
         epochs = int(hist["epoch"].max()) if hist is not None and "epoch" in hist else 0
         row["status"] = "ERROR" if r.error is not None else ("done" if epochs >= max_epochs else f"stopped@{epochs}")
         row["epochs"] = epochs
-        row.update({k: round(v, 4) for k, v in to_loss_params(raw, s).items()})
+        row.update(raw)  # exact: best_config.yaml is rebuilt from these
+        row.update({k: round(v, 4) for k, v in to_loss_params(raw, s).items() if k in DERIVED_KEYS})
         pick = {}
         if hist is not None and metric in hist and hist[metric].notna().any():
             pick = hist.loc[hist[metric].idxmax()].to_dict()
-        for k in (*OBJECTIVES, "collapse_frac", "val_frac_at_l_a"):
+        for k in (*OBJECTIVES, "collapse_frac", "val_frac_at_l_a", "val_frac_at_u_a"):
             v = pick.get(k)
             row[k] = float(v) if v is not None and not (isinstance(v, float) and math.isnan(v)) else None
+        c = row["collapse_frac"]
+        row["collapsed"] = "?" if c is None else ("yes" if c > max_collapse_frac else "no")
         row["mlflow_run_id"] = (r.metrics or {}).get("mlflow_run_id") or pick.get("mlflow_run_id")
-        row.update({f"raw_{k}": v for k, v in raw.items()})
         rows.append(row)
     table = pd.DataFrame(rows)
     if len(table):
@@ -510,31 +526,61 @@ def results_table(grid, metric: str, max_epochs: int, s: float):
     return table
 
 
-def format_table(table, metric: str) -> str:
-    cols = ["trial_id", "status", "epochs", *LOSS_KEYS, *OBJECTIVES, "collapse_frac"]
+def _num(v) -> str:
+    return "not measured" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{float(v):.3f}"
+
+
+def choose_best(table, metric: str, max_collapse_frac: float):
+    """(the trial row for best_config.yaml or None, a note or None). The best by `metric` among the trials
+    not collapsed; when every trial collapsed (or none reported a collapse fraction), the best by `metric`
+    with a note starting "WARNING" that says so. Never a collapsed trial without saying it."""
+    ok = table[table[metric].notna()] if len(table) else table
+    if not len(ok):
+        return None, None
+    healthy = ok[ok["collapsed"] == "no"]
+    if not len(healthy):
+        return ok.iloc[0], (f"WARNING: no trial is known to be free of collapse (more than {max_collapse_frac:g} "
+                            f"of training magnitudes at l_a or u_a, or not measured); best_config.yaml holds the "
+                            f"best by {metric}, whose magnitudes may rank quality poorly. Widen tune.space, train "
+                            f"longer, or raise tune.max_collapse_frac knowingly.")
+    best = healthy.iloc[0]
+    if best["trial_id"] != ok.iloc[0]["trial_id"]:
+        return best, (f"best_config.yaml: trial {best['trial_id']}, the best of the {len(healthy)} trial(s) not "
+                      f"collapsed; trial {ok.iloc[0]['trial_id']} scored higher but is collapsed or unmeasured "
+                      f"(collapse_frac {_num(ok.iloc[0]['collapse_frac'])}) and is not recommended")
+    return best, None
+
+
+def format_table(table, metric: str, max_collapse_frac: float = 0.05) -> str:
+    cols = ["trial_id", "status", "epochs", *RAW_KEYS, *DERIVED_KEYS, *OBJECTIVES, "collapse_frac", "collapsed"]
     shown = table[[c for c in cols if c in table]].copy()
-    title = f"Trials sorted by {metric} (best first; metrics at each trial's best epoch):"
+    title = (f"Trials sorted by {metric} (best first; metrics at each trial's best epoch). Searched: "
+             f"{', '.join(RAW_KEYS)}; giving u_a = l_a + a_width, u_m = l_m + m_width, lambda_g = lambda_ratio x "
+             f"its feasibility bound. collapsed: more than {max_collapse_frac:g} of training magnitudes at l_a/u_a:")
     return title + "\n" + shown.to_string(index=False, float_format=lambda v: f"{v:.4g}", na_rep="-")
 
 
 def objective_figure(table, metric: str):
-    """Objective vs each of the five numbers, one panel each; colour marks finished / stopped / errored."""
+    """Objective vs each searched coordinate (RAW_KEYS, as in the tables), one panel each; colour marks
+    finished / stopped / errored, a cross a collapsed trial."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(LOSS_KEYS), figsize=(3.2 * len(LOSS_KEYS), 3.0), sharey=True)
+    fig, axes = plt.subplots(1, len(RAW_KEYS), figsize=(3.2 * len(RAW_KEYS), 3.0), sharey=True)
     colours = {"done": "tab:green", "ERROR": "tab:red"}
-    for ax, key in zip(axes, LOSS_KEYS):
+    for ax, key in zip(axes, RAW_KEYS):
         for _, row in table.iterrows():
             y = row[metric]
             if y is None or (isinstance(y, float) and math.isnan(y)):
                 continue
-            ax.scatter(row[key], y, color=colours.get(row["status"], "tab:orange"), s=30)
+            ax.scatter(row[key], y, color=colours.get(row["status"], "tab:orange"), s=30,
+                       marker="x" if row.get("collapsed") == "yes" else "o")
         ax.set_xlabel(key)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel(metric)
-    fig.suptitle("sweep trials: green finished, orange stopped by ASHA", fontsize=9)
+    fig.suptitle("sweep trials: green finished, orange stopped by ASHA; x = collapsed (magnitudes at l_a/u_a)",
+                 fontsize=9)
     fig.tight_layout()
     return fig

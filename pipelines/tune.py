@@ -6,7 +6,8 @@ per trial under a parent run for the sweep).
     ray job submit --working-dir . -- python pipelines/tune.py --config configs/X.yaml --num-samples 32
 
 A `tune:` section in the YAML (or `--set tune.key=value`, `--set tune.space.l_a=[5,20]`) holds the sweep
-settings; see magface/sweep.py. With an empty data.train the demo's synthetic faces are generated and used.
+settings; see magface/sweep.py. With an empty data.train the demo's synthetic faces are generated and used,
+and trials are scored on a synthetic validation .bin of other identities (unless tune.heldout names one).
 Rerunning with the same --name resumes the sweep without repeating finished trials.
 """
 
@@ -43,25 +44,44 @@ def main(argv=None) -> int:
     for flag, key in ((args.num_samples, "num_samples"), (args.search, "search"), (args.metric, "metric")):
         if flag is not None:
             overrides.append(f"tune.{key}={flag}")
-    cfg, settings = load_sweep_config(args.config, overrides)
+    from magface.config import ConfigError
+
+    try:
+        cfg, settings = load_sweep_config(args.config, overrides)
+    except ConfigError as e:  # the message names file, key and allowed values; no traceback
+        raise SystemExit(f"tune: {e}") from None
     if not cfg.data.train:  # the demo's synthetic faces, generated once into the cache
-        from magface.train.demo import cache_dir, prepare_data
+        from magface.train.demo import cache_dir, prepare_data, prepare_validation
 
         data = prepare_data(cache_dir(), cfg)
+        if not settings.heldout:  # score trials on other faces than the test sets the demo reports
+            settings.heldout = str(prepare_validation(cache_dir(), cfg))
         cfg.data.train = [str(data.train_rec)]
         cfg.eval.data_root = cfg.eval.data_root or str(data.root)
         if cfg.train.storage_path == "~/ray_results":
             cfg.train.storage_path = str(cache_dir() / "runs")
 
-    from magface.train.trainer import connect
+    from magface.cluster import ClusterError, connect
+    from magface.console import filter_ray_lines, quiet_ray
 
-    connect(cfg, num_cpus=args.num_cpus)
+    quiet_ray()
+    try:  # the one rule: RAY_ADDRESS joins that cluster, else a private local Ray
+        connect(cfg, num_cpus=args.num_cpus)
+    except ClusterError as e:
+        raise SystemExit(f"tune: {e}") from None
+    filter_ray_lines()
     t0 = time.perf_counter()
     result = run_sweep(cfg, settings, name=args.name, storage=args.storage_path, output_dir=args.output_dir,
                        where=args.config)
+    from magface.console import closing_block
+    from magface.train.trainer import tracking_uri
+
     print(f"\nsweep {result.experiment_path} in {(time.perf_counter() - t0) / 60:.1f} min\n"
-          f"table: {result.csv_path}\nplot: {result.plot_path}\nbest config: {result.best_config_path}\n"
-          f"MLflow parent run: {result.parent_run_id}")
+          f"table: {result.csv_path}\nplot: {result.plot_path}\nbest config: {result.best_config_path}")
+    print(closing_block("sweep: what was produced", tracking_uri=tracking_uri(cfg),
+                        runs={"sweep (parent)": result.parent_run_id}, plots=[p for p in [result.plot_path] if p],
+                        next_steps=[f"python pipelines/train.py --config {result.best_config_path}   # train the best"]
+                        if result.best_config_path else []), flush=True)
     return 0 if result.best_config_path is not None else 1
 
 

@@ -37,6 +37,7 @@ def ray_session(tmp_path_factory):
         yield ray
         return
     ray.init(
+        address="local",  # a private instance: never join another test run's `ray start` head on this machine
         num_cpus=4,
         include_dashboard=False,
         log_to_driver=False,
@@ -55,8 +56,10 @@ def mlflow_uri(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     import mlflow
 
-    mlflow.set_tracking_uri(uri)
-    yield uri
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+    with _use_tracking_uri(uri):  # put back afterwards: a stale process-wide URI would outlive this store
+        yield uri
 
 
 # S3 on 127.0.0.1 (a real moto server subprocess): `s3_server` (session) and `s3_env` (AWS_* set per test).

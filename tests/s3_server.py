@@ -8,6 +8,7 @@ Register in tests/conftest.py with `from tests.s3_server import s3_env, s3_serve
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -56,6 +57,13 @@ def _free_port() -> int:
 @contextmanager
 def moto_s3(timeout_s: float = 30.0):
     """Start `moto_server` on a free local port, wait until it answers, yield its URL, stop it by PID."""
+    with moto_s3_process(timeout_s) as (url, _):
+        yield url
+
+
+@contextmanager
+def moto_s3_process(timeout_s: float = 30.0):
+    """Like `moto_s3`, yielding (URL, the server's Popen) for tests that freeze or kill this server."""
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen([sys.executable, "-c", _MOTO_SERVER, str(port)],
@@ -72,8 +80,10 @@ def moto_s3(timeout_s: float = 30.0):
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"moto_server did not answer on {url} within {timeout_s} s") from None
                 time.sleep(0.1)
-        yield url
+        yield url, proc
     finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGCONT)  # a test may have left it frozen
         proc.terminate()
         try:
             proc.wait(timeout=10)

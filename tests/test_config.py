@@ -7,7 +7,8 @@ import pytest
 from magface.config import Config, ConfigError
 from magface.losses import feasible_lambda_g_min
 
-REPO_CONFIGS = ["configs/demo.yaml", "configs/ms1mv2_r100_magface.yaml", "configs/ms1mv2_r50_arcface.yaml"]
+REPO_CONFIGS = ["configs/demo.yaml", "configs/ms1mv2_r100_magface.yaml", "configs/ms1mv2_r50_arcface.yaml",
+                "configs/ms1mv2_r100_magface_finetune.yaml"]
 
 
 def write(tmp_path, text, name="run.yaml"):
@@ -26,7 +27,18 @@ def test_paper_recipe_file_holds_the_paper_numbers():
     assert (cfg.data.num_classes, cfg.data.num_images) == (85742, 5822653)
     l = cfg.loss
     assert (l.kind, l.s, l.l_a, l.u_a, l.l_m, l.u_m, l.lambda_g) == ("magface", 64, 10, 110, 0.45, 0.8, 35)
+    assert l.easy_margin  # the official MagLinear's default, never overridden by the official training
     assert cfg.model.backbone == "iresnet100" and cfg.scaling.use_gpu
+
+
+def test_finetune_preset_holds_the_official_readme_numbers():
+    from tests.conftest import REPO
+
+    cfg = Config.load(REPO / "configs/ms1mv2_r100_magface_finetune.yaml")
+    l = cfg.loss
+    assert (l.kind, l.l_a, l.u_a, l.l_m, l.u_m, l.lambda_g, l.easy_margin) == ("magface", 1, 51, 0.45, 1, 5, True)
+    assert l.lambda_g >= feasible_lambda_g_min(l.s, l.l_a, l.u_a, l.l_m, l.u_m) and not l.allow_infeasible
+    assert cfg.model.init_from and cfg.model.resolved_feature_scale(l)
 
 
 @pytest.mark.parametrize("path", REPO_CONFIGS)

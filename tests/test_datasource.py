@@ -121,7 +121,7 @@ def test_corrupt_record_raises_or_is_skipped(ray_session, tmp_path):
     off = int(open(rec[:-4] + ".idx").read().splitlines()[2].split("\t")[1])
     data[off:off + 4] = b"JUNK"  # key 2's magic
     open(rec, "wb").write(bytes(data))
-    with pytest.raises(Exception, match=rf"c\.rec: byte offset {off}: wrong magic"):
+    with pytest.raises(Exception, match=rf"c\.rec: record key 2 \(byte offset {off}\): wrong magic"):
         read_recordio(rec).take_all()
     bad = BadRecords()
     rows = read_recordio(rec, on_bad_record="skip", bad_records=bad).take_all()

@@ -54,11 +54,17 @@ def test_find_latest_checkpoint(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         find_latest_checkpoint(tmp_path)
-    for i, name in enumerate(["a/checkpoint_000002", "b/checkpoint_000001"]):
+    from magface.checkpoint import mark_complete
+
+    for i, name in enumerate(["a/checkpoint_000002", "b/checkpoint_000001", "d/checkpoint_000003"]):
         (tmp_path / name).mkdir(parents=True)
-        (tmp_path / name / "model.pt").write_bytes(b"x")
+        (tmp_path / name / "model.pt").write_bytes(b"x" * 1000)
+        mark_complete(tmp_path / name)
         os.utime(tmp_path / name / "model.pt", (time.time() - 100 + 50 * i,) * 2)
     (tmp_path / "c").mkdir()  # a folder without model.pt never counts
+    # the newest was cut short while being copied (a worker killed during Ray's upload): never "the latest"
+    with open(tmp_path / "d/checkpoint_000003/model.pt", "r+b") as f:
+        f.truncate(300)
     assert find_latest_checkpoint(tmp_path) == tmp_path / "b/checkpoint_000001"
 
 
@@ -76,7 +82,7 @@ def test_evaluate_pipeline_end_to_end(ray_session, mlflow_uri, synth_root, check
         "--checkpoint", str(checkpoint), "--data-root", str(synth_root), "--run-id", parent.run_id,
         "--benchmarks", "synth_ijb,synth_verify,quality,cluster", "--batch-size", "32", "--out", str(tmp_path)])
     printed = capsys.readouterr().out
-    assert "SYNTH_IJB 1:1 verification" in printed and "MagFace+" in printed
+    assert "SYNTH_IJB 1:1 verification" in printed and "[insightface]" in printed and "[magface_plus]" in printed
 
     # independent recomputation of one published number: align + embed serially, aggregate, score, TAR@FAR
     proto = read_protocol(find_ijb_dir(synth_root, "SYNTH"), "synth")
@@ -97,10 +103,14 @@ def test_evaluate_pipeline_end_to_end(ray_session, mlflow_uri, synth_root, check
     run = client.get_run(out["mlflow_run_id"])
     assert run.data.tags["mlflow.parentRunId"] == parent.run_id
     metrics = run.data.metrics
-    for rule in ("plain", "magface_plus"):
+    for rule in ("insightface", "magface_plus"):  # the default conventions, named in every metric
         for far in ("1e-6", "1e-5", "1e-4", "1e-3", "1e-2", "1e-1"):
             assert f"synth_ijb.{rule}.tar_far_{far}" in metrics
             assert f"synth_ijb.{rule}.tar_far_{far}.strict" in metrics
+        for key in ("edc_pauc20_fmr_1e-3", "edc_pauc30_fmr_1e-3", "edc_pauc20_fmr_1e-4"):
+            assert 0.0 <= metrics[f"synth_ijb.{rule}.{key}"] <= 0.3
+    assert run.data.params["conventions"] == "insightface,magface_plus" and run.data.params["flip"] == "True"
+    assert 0.0 <= metrics["synth_verify.edc_pauc20_fmr_1e-3"] <= 0.2 and "quality.magnitude.edc_pauc30_fmr_1e-4" in metrics
     assert -1.0 <= metrics["quality_spearman"] <= 1.0
     assert 0.0 <= metrics["synth_verify.accuracy"] <= 1.0 and "cluster.kmeans.bcubed_f" in metrics
 
@@ -111,11 +121,16 @@ def test_evaluate_pipeline_end_to_end(ray_session, mlflow_uri, synth_root, check
         return out
 
     arts = files()
-    for name in ("plots/synth_ijb_roc.png", "plots/quality_erc.png", "plots/synth_verify_magnitudes.png",
+    for name in ("plots/synth_ijb_roc.png", "plots/quality_erc.png", "plots/synth_ijb_edc.png", "plots/quality_edc.png", "plots/synth_verify_magnitudes.png",
                  "plots/cluster_magnitude_vs_center.png", "evaluation/tables.json", "evaluation/tar_at_far.csv"):
         assert name in arts, arts
     png = Path(client.download_artifacts(run.info.run_id, "plots/synth_ijb_roc.png", str(tmp_path)))
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # it says what it evaluated: the full checkpoint path and loss kind, printed and logged; inputs with digests
+    assert f"[evaluate] checkpoint {checkpoint.resolve()}" in printed and "loss" in printed
+    assert run.data.tags["checkpoint_path"] == str(checkpoint.resolve()) and run.data.params["loss"]
+    assert run.info.run_name.startswith(f"eval {run.data.params['loss']} ") and "synth_ijb" in run.info.run_name
+    assert {d.dataset.name for d in run.inputs.dataset_inputs} == {"SYNTH", "synth"}
 
 
 def test_bad_images_skip_counts_and_raise_names_the_file(ray_session, mlflow_uri, synth_root, checkpoint,
@@ -137,8 +152,9 @@ def test_bad_images_skip_counts_and_raise_names_the_file(ray_session, mlflow_uri
 
     out = evaluate(checkpoint, ["synth_ijb"], root, on_bad_image="skip", batch_size=32, tracking=False,
                    show=False)
-    assert out["metrics"]["failed_images"] == 2
-    assert out["tables"]["synth_ijb"]["n_images_used"] == out["tables"]["synth_ijb"]["n_images"] - 2
+    # the undecodable image is skipped; the face with a landmark outside is aligned as OpenCV would, and counted
+    assert out["metrics"]["failed_images"] == 1 and out["metrics"]["synth_ijb.landmarks_outside"] == 1
+    assert out["tables"]["synth_ijb"]["n_images_used"] == out["tables"]["synth_ijb"]["n_images"] - 1
     with pytest.raises(BadImageError, match=r"3.jpg \(.*synth_name_5pts_score.txt:3\): cannot read image"):
         evaluate(checkpoint, ["synth_ijb"], root, on_bad_image="raise", batch_size=32, tracking=False, show=False)
 
@@ -181,12 +197,13 @@ def test_cli_bad_input_is_named_before_any_compute(synth_root, checkpoint, tmp_p
         main(["--checkpoint", str(checkpoint), "--data-root", str(root), "--benchmarks", "synth_ijb", "--no-tracking"])
     pairs.unlink()
     # no --checkpoint / --data-root: the newest checkpoint under --runs-root, the data root its config names
-    from magface.checkpoint import load_model_file, save_model_file
+    from magface.checkpoint import load_model_file, mark_complete, save_model_file
     from magface.preprocess import PixelConvention
 
     ck = load_model_file(checkpoint)
     save_model_file(tmp_path / "runs" / "new", ck["backbone"], ck["backbone_kwargs"], ck["state_dict"],
                     PixelConvention(), {"eval": {"data_root": str(root)}}, 2, 20)
+    mark_complete(tmp_path / "runs" / "new")
     with pytest.raises(ProtocolError, match=rf"missing protocol file {root}/.*synth_template_pair_label.txt"):
         main(["--runs-root", str(tmp_path / "runs"), "--benchmarks", "synth_ijb", "--no-tracking"])
     with pytest.raises(ValueError, match="unknown benchmark"):

@@ -92,10 +92,30 @@ def test_align_face_undoes_a_known_similarity():
     small = align_face(big, lm, 56)
     assert small.shape == (56, 56, 3)
     assert np.abs(small[4:-4, 4:-4].astype(int) - face[8:-8:2, 8:-8:2].astype(int)).mean() < 6
-    with pytest.raises(LandmarkError, match=r"face.jpg: landmark 1 at \(300.0"):
+    with pytest.raises(LandmarkError, match=r"face.jpg: landmarks are not finite"):
         bad = lm.copy()
-        bad[1] = [300, 50]
+        bad[1] = [np.nan, 50]
         align_face(big, bad, 112, where="face.jpg")
+
+
+def test_warp_and_alignment_match_opencv_within_one_grey_level():
+    """cv2.warpAffine (bilinear, default BORDER_CONSTANT black) is what every reference alignment uses; near and
+    past the border it blends the edge pixel with black. Landmarks outside the image are aligned the same way."""
+    cv2 = pytest.importorskip("cv2")
+    from magface.evaluation.alignment import landmarks_outside
+
+    rng = np.random.default_rng(4)
+    img = rng.integers(0, 256, size=(90, 80, 3), dtype=np.uint8)
+    worst = 0
+    for k in range(40):
+        lm = rng.uniform(-25, 105, size=(5, 2)) if k % 2 else ARCFACE_TEMPLATE_112 * 0.6 + rng.normal(0, 3, (5, 2))
+        m = umeyama(lm, reference_landmarks(112))
+        ours = align_face(img, lm, 112)
+        ref = cv2.warpAffine(img, m[:2], (112, 112), flags=cv2.INTER_LINEAR, borderValue=0.0)
+        worst = max(worst, int(np.abs(ours.astype(int) - ref).max()))
+    assert worst <= 1
+    assert landmarks_outside(np.array([[-3, 5]] * 5), img.shape)
+    assert not landmarks_outside(np.array([[0, 0], [79, 89], [5, 5], [6, 6], [7, 7]]), img.shape)
 
 
 # ------------------------------------------------------------------------------------------- protocol files
@@ -162,6 +182,23 @@ def test_malformed_pair_line_is_named(tmp_path, bad_line, match):
         read_protocol(set_dir)
 
 
+def test_protocol_files_accept_the_reference_readers_whitespace(tmp_path):
+    """Trailing blanks (the real IJB release has them), runs of blanks and tabs read as the references read them."""
+    set_dir = _write_set(tmp_path, pairs=["1 2 0 ", "1  3\t0", " 2 2 1  "])
+    p = read_protocol(set_dir)
+    np.testing.assert_array_equal(p.pairs, [[1, 2], [1, 3], [2, 2]])
+    np.testing.assert_array_equal(p.labels, [0, 0, 1])
+
+
+def test_nan_landmark_is_named_with_file_and_line(tmp_path):
+    lm = " ".join(["50"] * 10)
+    lines = [f"{k}.jpg {lm} 0.9" for k in range(1, 13)]
+    lines[4] = f"5.jpg 50 50 nan 50 50 50 50 50 50 50 0.9"
+    set_dir = _write_set(tmp_path, lines_5pts=lines)
+    with pytest.raises(ProtocolError, match=r"toy_name_5pts_score.txt:5: landmarks are not finite"):
+        read_protocol(set_dir)
+
+
 def test_landmark_file_must_match_face_list(tmp_path):
     lm = " ".join(["50"] * 10)
     lines = [f"{k}.jpg {lm} 0.9" for k in range(1, 13)]
@@ -179,8 +216,9 @@ def test_load_face_errors_name_the_file(tmp_path):
         load_face(None, str(p.image_dir / "2.jpg"), p.landmarks[1], 112, p.where(1))
     far = p.landmarks[0].copy()
     far[3] = [500, 20]
-    with pytest.raises(BadImageError, match=r"1.jpg \(.*:1\): landmark 3 at \(500.0, 20.0\) is outside the 140x150"):
-        load_face(None, str(p.image_dir / "1.jpg"), far, 112, p.where(0))
+    info = {}  # outside the image: aligned anyway (as eval_ijbc.py does), and reported so it can be counted
+    face = load_face(None, str(p.image_dir / "1.jpg"), far, 112, p.where(0), info)
+    assert face.shape == (112, 112, 3) and info == {"landmarks_outside": True}
     ok = load_face(None, str(p.image_dir / "1.jpg"), p.landmarks[0], 112, p.where(0))
     assert ok.shape == (112, 112, 3) and ok.dtype == np.uint8
 
@@ -193,10 +231,10 @@ def _loop_scores(protocol, unit, mags, valid, rule, weights=None):
     for t in np.unique(protocol.template_ids[valid]):
         media = {}
         for i in np.flatnonzero((protocol.template_ids == t) & valid):
-            x = unit[i] * (mags[i] if rule == "magface_plus" else 1.0) * w[i]
+            x = unit[i] * mags[i] * w[i]
             media.setdefault(protocol.media_ids[i], []).append(x)
         ms = [np.mean(v, axis=0) for v in media.values()]
-        if rule == "plain":
+        if rule == "magface":
             ms = [m / np.linalg.norm(m) for m in ms]
         t_feat = np.mean(ms, axis=0)
         temps[t] = t_feat / np.linalg.norm(t_feat)
@@ -216,15 +254,18 @@ def test_ijb_verification_matches_loop_reference_with_failed_images(tmp_path):
     valid = np.ones(len(p.images), bool)
     valid[[0, 1, 2, 3]] = False  # template 1 loses every image: its pairs score -1
     valid[5] = False  # template 2 keeps 3 of 4
-    res = ijb_verification(p, unit, mags, valid, faceness=False)
+    res = ijb_verification(p, unit, mags, valid, conventions=("magface", "magface_plus"))
     assert res["n_pairs_missing_template"] == 6 and res["n_images_used"] == len(p.images) - 5
-    for rule in ("plain", "magface_plus"):
+    for rule in ("magface", "magface_plus"):
         ref = _loop_scores(p, unit, mags, valid, rule)
         np.testing.assert_allclose(res["scores"][rule], ref, atol=1e-5)
         assert res["tar_at_far"][rule]["nearest"] == tar_at_far(ref.astype(np.float32), p.labels,
                                                                convention="nearest")
-    # the two rules differ when magnitudes differ; faceness weighting changes MagFace+ templates too
-    assert not np.allclose(res["scores"]["plain"], res["scores"]["magface_plus"])
-    res_w = ijb_verification(p, unit, mags, valid, faceness=True, rules=("magface_plus",))
-    np.testing.assert_allclose(res_w["scores"]["magface_plus"],
-                               _loop_scores(p, unit, mags, valid, "magface_plus", p.faceness), atol=1e-5)
+    # the two rules differ when magnitudes differ
+    assert not np.allclose(res["scores"]["magface"], res["scores"]["magface_plus"])
+    # insightface without flip, with faceness: the same failed images leave the same templates out
+    from magface.evaluation.ijb import Convention
+
+    res_w = ijb_verification(p, unit, mags, valid, conventions=[Convention("insightface", flip=False)])
+    scores = res_w["scores"]["insightface_N1D1F0"]
+    assert (scores[~np.isin(p.pairs, p.template_ids[valid]).all(1)] == -1).all()

@@ -155,3 +155,11 @@ def test_gradients_match_finite_differences_float64():
 
         assert torch.autograd.gradcheck(head, (feats, weight), eps=1e-6, atol=1e-5)
 
+
+
+def test_fixed_margin_defaults_are_the_papers():
+    from magface.losses import LossConfig
+
+    # CosFace (Wang et al. 2018) m = 0.35, ArcFace (Deng et al. 2019) m = 0.5; an explicit m wins
+    assert LossConfig(kind="cosface").fixed_margin == 0.35 and LossConfig(kind="arcface").fixed_margin == 0.5
+    assert LossConfig(kind="cosface", m=0.4).fixed_margin == 0.4

@@ -249,8 +249,8 @@ def test_convert_train_evaluate_with_s3_and_mlflow_server(s3, mlflow_server, tmp
     ckpts = {k for k in landed_ckpt if k.endswith("/model.pt")}
     assert ckpts, f"no model.pt under s3://{BUCKET}/runs/it_s3/:\n{p.stdout[-2000:]}"
     ckpt_dir = f"s3://{BUCKET}/{sorted(ckpts)[-1].rsplit('/', 1)[0]}"
-    assert any(k.startswith(sorted(ckpts)[-1].rsplit("/", 1)[0] + "/train_state_rank0") for k in landed_ckpt), \
-        "per-rank train state missing next to model.pt"
+    assert any(k.startswith(sorted(ckpts)[-1].rsplit("/", 1)[0] + "/train_state.pt") for k in landed_ckpt), \
+        "train state missing next to model.pt"
 
     from mlflow.tracking import MlflowClient
 

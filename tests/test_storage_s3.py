@@ -82,3 +82,40 @@ def test_check_readable_credentials_and_endpoint(s3_env, monkeypatch):
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
     with pytest.raises(storage.StorageError, match="no AWS credentials"):
         storage.check_readable("s3://creds/a.rec")
+
+
+def test_frozen_endpoint_is_reported_within_the_configured_timeout(monkeypatch, caplog):
+    """A server stopped with SIGSTOP (it accepts connections but never answers): every retry is logged as it
+    happens, the read fails with a named error after attempts x read timeout, and it works again after SIGCONT."""
+    import signal
+
+    from magface.data import storage
+    from tests.s3_server import MOTO_CREDENTIALS, moto_s3_process
+
+    with moto_s3_process() as (url, proc):
+        for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL"):
+            monkeypatch.delenv(name, raising=False)
+        for name, value in {**MOTO_CREDENTIALS, "AWS_ENDPOINT_URL_S3": url, "MAGFACE_S3_READ_TIMEOUT": "1.5",
+                            "MAGFACE_S3_CONNECT_TIMEOUT": "1", "MAGFACE_S3_MAX_ATTEMPTS": "2"}.items():
+            monkeypatch.setenv(name, value)
+        make_bucket("frozen")
+        payload = os.urandom(300_000)
+        boto3.client("s3").put_object(Bucket="frozen", Key="a.rec", Body=payload)
+        assert storage.read_range("s3://frozen/a.rec", 10, 100) == payload[10:110]
+        os.kill(proc.pid, signal.SIGSTOP)
+        try:
+            caplog.set_level("WARNING", logger="magface.data.storage")
+            t0 = time.monotonic()
+            with pytest.raises(storage.StorageError, match=r"s3://frozen/a.rec: S3 endpoint stopped answering.*"
+                                                           r"2 attempt\(s\) of 1.5 s.*MAGFACE_S3_READ_TIMEOUT"):
+                storage.read_range("s3://frozen/a.rec", 0, 1000)
+            elapsed = time.monotonic() - t0
+            retries = [r.getMessage() for r in caplog.records if "attempt 2 of 2" in r.getMessage()]
+        finally:
+            os.kill(proc.pid, signal.SIGCONT)
+        assert 2 * 1.5 <= elapsed < 2 * 1.5 + 4, elapsed  # two bounded attempts plus botocore's short backoff
+        assert len(retries) == 1 and "frozen/a.rec" in retries[0] and "Read timeout" in retries[0], retries
+        assert storage.read_range("s3://frozen/a.rec", 0, 1000) == payload[:1000]
+    with pytest.raises(storage.StorageError, match="MAGFACE_S3_MAX_ATTEMPTS='x': expected a number"):
+        monkeypatch.setenv("MAGFACE_S3_MAX_ATTEMPTS", "x")
+        storage.timeouts()

@@ -130,7 +130,7 @@ def test_two_core_sweep_then_resume_without_repeating_trials(tmp_path, tiny_data
     assert (exp / "objective_vs_params.png").stat().st_size > 1000
     best = Config.load(exp / "best_config.yaml")  # what pipelines/train.py --config does
     top = table.iloc[0]
-    expect = to_loss_params({k: top[f"raw_{k}"] for k in RAW_KEYS}, 16.0)
+    expect = to_loss_params({k: top[k] for k in RAW_KEYS}, 16.0)
     assert best.loss.l_a == pytest.approx(expect["l_a"]) and best.loss.lambda_g == pytest.approx(expect["lambda_g"])
 
     from mlflow.tracking import MlflowClient
@@ -189,6 +189,42 @@ def test_results_table_sorts_by_objective_with_errors_last():
     assert list(t["trial_id"]) == ["c", "a", "b"]
     assert list(t["status"]) == ["stopped@1", "done", "ERROR"]
     assert t.loc[0, "lambda_g"] == pytest.approx(round(1.5 * 64 * 0.0035 / (1 / 100 - 1 / 110**2), 4))
+
+
+def test_collapsed_trials_are_marked_and_never_recommended_silently():
+    """issue 14 item 5: collapse is a constraint on best_config.yaml, and the table names the searched
+    coordinates as Tune does (l_a, a_width, l_m, m_width, lambda_ratio) next to the loss values they give."""
+    import pandas as pd
+
+    from magface.sweep import choose_best, format_table
+    from magface.tuning import RAW_KEYS
+
+    class R:
+        def __init__(self, tid, acc, at_l_a, at_u_a=0.0):
+            self.config = {"l_a": 10.0, "a_width": 100.0, "l_m": 0.45, "m_width": 0.35, "lambda_ratio": 1.5}
+            self.metrics = {"trial_id": tid}
+            self.metrics_dataframe = pd.DataFrame({"epoch": [1, 2], "val_accuracy": [acc - 0.1, acc],
+                                                   "collapse_frac": [0.9, max(at_l_a, at_u_a)]})
+            self.error, self.path = None, None
+
+    t = results_table([R("a", 0.9, 0.98), R("b", 0.8, 0.01), R("c", 0.7, 0.0, at_u_a=0.3)], "val_accuracy", 2, 64,
+                      max_collapse_frac=0.05)
+    assert list(t["trial_id"]) == ["a", "b", "c"]
+    assert list(t["collapsed"]) == ["yes", "no", "yes"]
+    assert list(t["collapse_frac"]) == [0.98, 0.01, 0.3]  # at the chosen (best) epoch, not epoch 1's 0.9
+    best, note = choose_best(t, "val_accuracy", 0.05)
+    assert best["trial_id"] == "b" and "trial a scored higher" in note
+    text = format_table(t, "val_accuracy", 0.05)
+    header = text.splitlines()[1].split()
+    assert [h for h in header if h in (*RAW_KEYS, "u_a", "lambda_g")] == [*RAW_KEYS, "u_a", "lambda_g"]
+    assert "collapsed" in header
+    # every trial collapsed: the best by the objective, with a warning that says so
+    t2 = results_table([R("a", 0.9, 0.98), R("c", 0.7, 0.6)], "val_accuracy", 2, 64, max_collapse_frac=0.05)
+    best, note = choose_best(t2, "val_accuracy", 0.05)
+    assert best["trial_id"] == "a" and note.startswith("WARNING")
+    t3 = results_table([R("a", 0.9, 0.98), R("c", 0.7, 0.6)], "val_accuracy", 2, 64, max_collapse_frac=0.99)
+    best, note = choose_best(t3, "val_accuracy", 0.99)
+    assert best["trial_id"] == "a" and note is None
 
 
 def test_sweep_ray_serves_the_state_api_that_frees_stopped_trials(tmp_path):

@@ -237,3 +237,49 @@ def test_cli_writes_a_dataset(tmp_path):
     summary = json.loads(res.stdout.strip().splitlines()[-1])
     assert summary["train_images"] == 4 and summary["verify_pairs"] == 4
     assert is_complete(out)
+
+
+def test_harder_eval_settings_are_deterministic_and_keep_q_per_image_and_template(tmp_path):
+    """issue 11's harder benchmark knobs: look-alike evaluation identities and a lower-quality q distribution,
+    byte-identical for any worker count, with the known q of every image and every IJB template."""
+    hard = dict(SMALL, eval_identity_spread=0.5, eval_q_beta=(1.0, 3.0))
+    a = generate(tmp_path / "a", seed=0, workers=1, **hard)
+    b = generate(tmp_path / "b", seed=0, workers=2, **hard)
+    fa, fb = _files(a.root), _files(b.root)
+    assert fa.keys() == fb.keys() and [k for k in fa if fa[k] != fb[k]] == []
+    easy = generate(tmp_path / "c", seed=0, workers=1, **SMALL)
+    fc = _files(easy.root)
+    assert fc["train/train.rec"] == fa["train/train.rec"]  # the knobs touch the evaluation sets only
+    assert fc["verify/synth.bin"] != fa["verify/synth.bin"]
+    # look-alikes: the evaluation identities' shape parameters lie closer together
+    narrow = np.stack([_identity(0, "ijb", i, 0.5).face for i in range(20)])
+    wide = np.stack([_identity(0, "ijb", i, 1.0).face for i in range(20)])
+    assert np.allclose(narrow - narrow.mean(0), 0.5 * (wide - wide.mean(0)))
+    # q per image, and per template the mean/min/max of its images' q
+    per_image = {r["image_name"]: (int(r["identity"]), float(r["quality"])) for r in _csv(a.ijb_quality)}
+    tid_of = {}
+    for line in (a.ijb_dir / "meta" / "synth_face_tid_mid.txt").read_text().split("\n"):
+        if line:
+            image, tid, _ = line.split()
+            tid_of.setdefault(int(tid), []).append(image)
+    rows = _csv(a.ijb_template_quality)
+    assert len(rows) == len(tid_of) == SMALL["num_eval_ids"] * SMALL["ijb_templates_per_id"]
+    for r in rows:
+        qs = [per_image[im][1] for im in tid_of[int(r["template_id"])]]
+        assert int(r["n_images"]) == len(qs) and {per_image[im][0] for im in tid_of[int(r["template_id"])]} == \
+            {int(r["identity"])}
+        assert float(r["q_mean"]) == pytest.approx(np.mean(qs), abs=1e-6)
+        assert (float(r["q_min"]), float(r["q_max"])) == (min(qs), max(qs))
+    # the manifest's impostor count is the protocol's
+    pair_file = a.ijb_dir / "meta" / "synth_template_pair_label.txt"
+    labels = [int(ln.split()[2]) for ln in pair_file.read_text().split("\n") if ln]
+    assert load_manifest(a.root)["counts"]["ijb_impostor_pairs"] == labels.count(0)
+    with pytest.raises(ValueError, match="spread"):
+        generate(tmp_path / "d", seed=0, workers=1, **dict(SMALL, eval_identity_spread=1.5))
+
+
+def test_default_eval_sets_are_big_enough_for_far_1e4():
+    from magface.data.synthetic.writers import DEFAULTS, _impostor_pairs
+
+    assert DEFAULTS["bin_pairs"] == 6000  # 3,000 genuine, as LFW's protocol
+    assert _impostor_pairs(DEFAULTS["num_eval_ids"], DEFAULTS["ijb_templates_per_id"]) >= 100_000

@@ -37,7 +37,9 @@ def test_killed_worker_resumes_with_step_count_intact(ray_session, tmp_path, mlf
     ckpts = _checkpoints(job_dir)
     assert [p.name for p in ckpts] == [f"checkpoint_epoch{e:03d}_step{4 * e:08d}" for e in (1, 2, 3)]
     for p in ckpts:
-        assert sorted(f.name for f in p.iterdir()) == ["model.pt", "train_state_rank0.pt", "train_state_rank1.pt"]
+        assert sorted(f.name for f in p.iterdir() if f.name != "last_samples.npz") == [
+            "classifier_rows_000000000_000000004.pt", "classifier_rows_000000004_000000008.pt",
+            "complete_rank0.json", "complete_rank1.json", "model.pt", "train_state.pt"]
         model = load_model_file(p)
         states = [load_train_state(p, rank=r, world_size=2) for r in range(2)]
         assert model["step"] == states[0]["step"] == states[1]["step"] == int(p.name[-8:])
@@ -58,6 +60,11 @@ def test_killed_worker_resumes_with_step_count_intact(ray_session, tmp_path, mlf
     assert r.data.tags["ray_version"] == ray.__version__ and r.data.tags["torch_version"] == torch.__version__
     figures = [a.path for a in client.list_artifacts(result.run_id, "magnitude")]
     assert "magnitude/epoch_003.png" in figures
+    assert sorted({m.value for m in client.get_metric_history(result.run_id, "epoch")}) == [1, 2, 3]  # as printed
+    assert r.data.tags["final.step"] == "12" and "final_step" not in r.data.metrics  # one value: a tag
+    assert "magface" in r.data.tags["mlflow.note.content"]  # the run page's description
+    (logged,) = client.search_logged_models(experiment_ids=[r.info.experiment_id])
+    assert logged.source_run_id == result.run_id  # the backbone as an MLflow model (tests/test_mlflow_model.py)
 
     # Rerunning the same job name resumes it: one more epoch from step 12.
     more = tiny_config(tmp_path, "faulty", train={"epochs": 4, "batch_size": 2, "max_failures": 1,

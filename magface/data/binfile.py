@@ -89,7 +89,17 @@ def load_bin(path) -> tuple[list[bytes], np.ndarray]:
     if not isinstance(raw_images, (list, tuple, np.ndarray)):
         raise BinFileError(f"{path}: images must be a list of encoded images, got {type(raw_images).__name__}")
     images = [_image_bytes(img, path, i) for i, img in enumerate(raw_images)]
-    issame = np.asarray(raw_issame)
+    if not isinstance(raw_issame, (list, tuple, np.ndarray)):
+        raise BinFileError(f"{path}: issame must be a list of booleans, got {type(raw_issame).__name__}")
+    try:
+        issame = np.asarray(raw_issame)
+    except ValueError as exc:  # ragged nesting: numpy refuses to build an array
+        raise BinFileError(f"{path}: issame must be a flat list of booleans, got a ragged nested list ({exc})") from None
+    if issame.dtype == object:
+        raise BinFileError(f"{path}: issame must be a flat list of booleans, got mixed types")
+    if not len(images) or not issame.size:
+        raise BinFileError(f"{path}: empty verification set ({len(images)} images, {issame.size} pairs); a .bin "
+                           "needs at least one pair")
     if issame.ndim != 1 or not (issame.dtype == np.bool_ or np.isin(issame, (0, 1)).all()):
         raise BinFileError(f"{path}: issame must be a flat list of booleans, got dtype {issame.dtype} "
                            f"shape {issame.shape}")

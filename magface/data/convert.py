@@ -19,11 +19,12 @@ from pathlib import Path
 import numpy as np
 
 from magface.data import storage
-from magface.data.codec import decode_jpeg, encode_jpeg
+from magface.data.codec import decode_jpeg, encode_jpeg, image_size as header_size
 from magface.data.datasource import read_property, scan_shard
 from magface.recordio import IRHeader, MXIndexedRecordIO, iter_records, pack, unpack
 
-__all__ = ["convert_folder", "is_complete", "shard_names", "split_rec", "upload_shards", "write_shard"]
+__all__ = ["ImageSizeError", "convert_folder", "is_complete", "read_landmarks", "shard_names", "split_rec",
+           "upload_shards", "write_shard"]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 _JPEG_SOI = b"\xff\xd8"
@@ -84,19 +85,74 @@ def _balanced_groups(counts: list[int], parts: int) -> list[tuple[int, int]]:
     return list(zip(bounds[:-1], bounds[1:]))
 
 
-def _as_jpeg(path: Path, image_size) -> bytes:
+class ImageSizeError(ValueError):
+    """An image whose size differs from the others' (training needs one size: `property` and data.image_size)."""
+
+
+def _fix_hint(height: int, width: int) -> str:
+    return (f"convert with --resize {height} {width} (stretches whole images), or better --align LANDMARKS "
+            "(5-point landmarks from any face detector; crops onto the 112x112 face template); see docs/own_faces.md")
+
+
+def read_landmarks(path, root=None) -> dict[str, np.ndarray]:
+    """A 5-point landmark file: one line per image, `<image> x1 y1 x2 y2 x3 y3 x4 y4 x5 y5 [score]` (left eye,
+    right eye, nose tip, left and right mouth corners, in pixels; the layout of insightface's IJB
+    `*_name_5pts_score.txt`). `<image>` is relative to the image folder (e.g. `alice/001.jpg`). Returns
+    {relative path: (5, 2) float64}; errors name the file and line."""
+    from magface.evaluation.alignment import LandmarkError, check_landmarks
+
+    out = {}
+    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+        parts = line.split()
+        if not parts or parts[0].startswith("#"):
+            continue
+        if len(parts) not in (11, 12):
+            raise ValueError(f"{path}:{n}: expected '<image> x1 y1 ... x5 y5 [score]' (11 or 12 fields), "
+                             f"got {len(parts)}")
+        try:
+            lm = check_landmarks([float(v) for v in parts[1:11]], f"{path}:{n}")
+        except ValueError as exc:
+            raise ValueError(exc if isinstance(exc, LandmarkError) else f"{path}:{n}: {exc}") from None
+        key = Path(parts[0]).as_posix()
+        if root is not None and Path(key).is_absolute():
+            key = Path(key).relative_to(root).as_posix()
+        if key in out:
+            raise ValueError(f"{path}:{n}: second line for {key}")
+        out[key] = lm
+    if not out:
+        raise ValueError(f"{path}: no landmark lines")
+    return out
+
+
+def _as_jpeg(path: Path, image_size, *, resize: bool = False, landmarks=None) -> bytes:
+    """One image file -> JPEG bytes of the shard. The header is read first: without resize/align every image
+    must be `image_size` (h, w), and nothing else is decoded."""
     data = path.read_bytes()
-    if data[:2] == _JPEG_SOI and image_size is None:
-        return data  # stored as is: no re-encoding loss
-    img = decode_jpeg(data)
-    if image_size is not None and img.shape[:2] != tuple(image_size):
-        raise ValueError(f"{path}: image is {img.shape[1]}x{img.shape[0]}, expected "
-                         f"{image_size[1]}x{image_size[0]}")
-    return data if data[:2] == _JPEG_SOI else encode_jpeg(img, quality=95)
+    if landmarks is not None:
+        from magface.evaluation.alignment import align_face
+
+        return encode_jpeg(align_face(decode_jpeg(data), landmarks, tuple(image_size), where=str(path)), quality=95)
+    if resize:
+        from magface.data.transforms import _resize
+
+        img = decode_jpeg(data)
+        if img.shape[:2] != tuple(image_size):
+            img = _resize(img, *image_size)
+        return encode_jpeg(img, quality=95)
+    if image_size is not None:
+        h, w = header_size(data)
+        if (h, w) != tuple(image_size):
+            raise ImageSizeError(f"{path}: image is {w}x{h} but the data set's images are {image_size[1]}x"
+                                 f"{image_size[0]}; every training image must have one size. Fix: "
+                                 + _fix_hint(*image_size))
+    return data if data[:2] == _JPEG_SOI else encode_jpeg(decode_jpeg(data), quality=95)
 
 
-def _folder_shard(out_dir: str, name: str, identities: list[tuple[int, list[str]]], image_size) -> dict:
-    loaded = [(label, [_as_jpeg(Path(p), image_size) for p in files]) for label, files in identities]
+def _folder_shard(out_dir: str, name: str, identities: list[tuple[int, list]], image_size, resize=False) -> dict:
+    """identities: (label, [file or (file, landmarks)])."""
+    loaded = [(label, [_as_jpeg(Path(f[0]), image_size, landmarks=f[1]) if isinstance(f, tuple)
+                       else _as_jpeg(Path(f), image_size, resize=resize) for f in files])
+              for label, files in identities]
     return write_shard(out_dir, name, loaded)
 
 
@@ -136,11 +192,15 @@ def _write_property(out_dir: str, num_classes: int, height: int, width: int) -> 
 
 
 def convert_folder(src_dir, out_dir, num_shards: int, *, image_size: tuple[int, int] | None = None,
-                   prefix: str = "train", progress: bool = True) -> dict:
+                   prefix: str = "train", progress: bool = True, resize: bool = False, landmarks=None) -> dict:
     """Image folder (one subfolder per identity, labels in sorted folder order) -> `num_shards` shards.
 
-    JPEG files are stored unchanged; other formats are encoded to JPEG. With `image_size` (h, w) every
-    image is checked to have that size. Returns {"shards", "written", "skipped", "num_classes"}.
+    All images must have one size: `image_size` (h, w), else the first image's; a different one stops the
+    conversion with `ImageSizeError` naming the file (read from headers, nothing decoded). `resize=True`
+    resizes every image to `image_size` instead; `landmarks` (a file, see `read_landmarks`) aligns every
+    image onto the 5-point face template at `image_size` (default 112x112), as insightface prepares its data.
+    JPEG files are otherwise stored unchanged; other formats are encoded to JPEG.
+    Returns {"shards", "written", "skipped", "num_classes", "image_size"}.
     """
     src_dir, out_dir = Path(src_dir), str(out_dir)
     folders = sorted(p for p in src_dir.iterdir() if p.is_dir())
@@ -149,16 +209,29 @@ def convert_folder(src_dir, out_dir, num_shards: int, *, image_size: tuple[int, 
     identities = [(label, files) for label, files in identities if files]
     if not identities:
         raise FileNotFoundError(f"{src_dir}: no identity subfolders with images ({', '.join(IMAGE_SUFFIXES)})")
+    if resize and landmarks is not None:
+        raise ValueError("choose one of resize and landmarks (alignment already gives the output size)")
+    if resize and image_size is None:
+        raise ValueError("resize needs the target image_size (h, w)")
+    if landmarks is not None:
+        image_size = tuple(image_size or (112, 112))
+        marks = read_landmarks(landmarks, src_dir)
+        rel = {f: Path(f).relative_to(src_dir).as_posix() for _, files in identities for f in files}
+        missing = [r for r in rel.values() if r not in marks]
+        if missing:
+            raise ValueError(f"{landmarks}: no landmarks for {len(missing)} of {len(rel)} image(s), e.g. "
+                             f"{missing[0]!r} (image paths are relative to {src_dir})")
+        identities = [(label, [(f, marks[rel[f]]) for f in files]) for label, files in identities]
+    elif image_size is None:
+        image_size = header_size(Path(identities[0][1][0]).read_bytes())
     os.makedirs(out_dir, exist_ok=True)
-    if image_size is None:
-        height, width = decode_jpeg(Path(identities[0][1][0]).read_bytes()).shape[:2]
-    else:
-        height, width = image_size
+    height, width = image_size
     _write_property(out_dir, len(folders), height, width)
     groups = _balanced_groups([len(f) for _, f in identities], num_shards)
     names = shard_names(len(groups), prefix)
-    jobs = {name: (identities[a:b], image_size) for name, (a, b) in zip(names, groups)}
-    return {**_run(out_dir, jobs, _folder_shard, progress), "num_classes": len(folders)}
+    jobs = {name: (identities[a:b], tuple(image_size), resize) for name, (a, b) in zip(names, groups)}
+    return {**_run(out_dir, jobs, _folder_shard, progress), "num_classes": len(folders),
+            "image_size": (height, width)}
 
 
 def split_rec(src_rec: str, out_dir, num_shards: int, *, prefix: str = "train", progress: bool = True) -> dict:

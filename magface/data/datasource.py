@@ -24,7 +24,7 @@ from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
 from magface.data import storage
-from magface.recordio import RecordIOError, build_index, iter_records, parse_index, unpack
+from magface.recordio import RecordIOError, build_index, iter_records, parse_index, read_extent, unpack
 
 __all__ = ["BadRecords", "RecordIODatasource", "ShardInfo", "read_property", "read_recordio", "report_bad", "scan_shard"]
 
@@ -144,9 +144,48 @@ def _read_record(rec: str, offsets: list[int], size: int, offset: int) -> bytes:
     """The payload of the single record at `offset` (its extent is up to the next indexed offset)."""
     i = bisect.bisect_right(offsets, offset)
     end = offsets[i] if i < len(offsets) else size
-    for _, payload in iter_records(storage.read_range(rec, offset, end - offset), base_offset=offset, path=rec):
-        return payload
-    raise RecordIOError(rec, offset, "no record at this .idx offset")
+    return read_extent(storage.read_range(rec, offset, end - offset), 0, end - offset, base_offset=offset, path=rec)
+
+
+def _header_label(rec: str, offsets: list[int], size: int, index: dict, key: int) -> tuple[int, np.ndarray]:
+    """(flag, float labels) of record `key`'s IRHeader; errors name the shard, key and offset."""
+    try:
+        header, _ = unpack(_read_record(rec, offsets, size, index[key]))
+    except ValueError as exc:  # RecordIOError included
+        raise RecordIOError(rec, index[key], f"record key {key}: {getattr(exc, 'reason', exc)}") from None
+    return int(header.flag), np.atleast_1d(np.asarray(header.label, dtype=np.float64))
+
+
+def _insightface_image_keys(rec: str, offsets: list[int], size: int, index: dict, label: np.ndarray) -> range:
+    """Image keys 1..first_id-1 from header record 0's label (first_id, end), cross-checked against the index
+    and the identity records (keys first_id..end-1, each labelled with its image-key range), so a damaged
+    header cannot silently drop or add images."""
+    idx = _idx_path(rec)
+    if label.size < 2 or not np.isfinite(label[:2]).all() or not (label[:2] == np.round(label[:2])).all():
+        raise RecordIOError(rec, index[0], f"header record 0: label {label.tolist()} is not the (first identity "
+                                           "key, end key) pair of insightface's layout")
+    first_id, end = int(label[0]), int(label[1])
+    if not 2 <= first_id <= end:
+        raise RecordIOError(rec, index[0], f"header record 0: image keys 1..{first_id - 1} and identity keys "
+                                           f"{first_id}..{end - 1} are not a valid range (need 2 <= {first_id} <= {end})")
+    int_keys = [k for k in index if isinstance(k, int)]
+    missing = [k for k in range(1, first_id) if k not in index]
+    if missing:
+        raise RecordIOError(idx, None, f"header record 0 says images are keys 1..{first_id - 1}, but "
+                                       f"{len(missing)} of them are not in the index (first: key {missing[0]})")
+    beyond = [k for k in int_keys if not 0 <= k < max(end, first_id)]
+    if beyond:
+        raise RecordIOError(idx, None, f"key {beyond[0]} lies outside the keys 0..{max(end, first_id) - 1} header "
+                                       f"record 0 describes ({len(beyond)} such key(s))")
+    if end > first_id and first_id in index:  # identity records: the first starts at image 1, the last ends at first_id
+        flag, first = _header_label(rec, offsets, size, index, first_id)
+        flag_l, last = _header_label(rec, offsets, size, index, end - 1)
+        if flag < 2 or flag_l < 2 or first[0] != 1 or last[1] != first_id:
+            raise RecordIOError(rec, index[0], f"header record 0 says images are keys 1..{first_id - 1}, but the "
+                                               f"identity records disagree (key {first_id}: flag {flag}, label "
+                                               f"{first.tolist()}; key {end - 1}: flag {flag_l}, label "
+                                               f"{last.tolist()}); the header or the index is damaged")
+    return range(1, first_id)
 
 
 def scan_shard(rec: str, num_classes: int | None = None) -> ShardInfo:
@@ -160,14 +199,9 @@ def scan_shard(rec: str, num_classes: int | None = None) -> ShardInfo:
     offsets = sorted(index.values())
     image_keys = list(index)
     if 0 in index:
-        header, _ = unpack(_read_record(rec, offsets, size, index[0]))
-        if header.flag > 0:  # insightface: images are keys 1..label[0]-1, identity records follow
-            first_id = int(np.atleast_1d(header.label)[0])
-            image_keys = range(1, first_id)
-            missing = [k for k in (1, first_id - 1) if k not in index]
-            if missing:
-                raise RecordIOError(_idx_path(rec), None, f"header record 0 says images are keys 1..{first_id - 1} "
-                                                          f"but key {missing[0]} is not in the index")
+        flag, label = _header_label(rec, offsets, size, index, 0)
+        if flag > 0:  # insightface: images are keys 1..label[0]-1, identity records follow
+            image_keys = _insightface_image_keys(rec, offsets, size, index, label)
     keys = np.fromiter(image_keys, dtype=np.int64)
     starts = np.fromiter((index[k] for k in keys.tolist()), dtype=np.int64, count=len(keys))
     order = np.argsort(starts, kind="stable")
@@ -183,48 +217,42 @@ def scan_shard(rec: str, num_classes: int | None = None) -> ShardInfo:
 # --------------------------------------------------------------------------- reading
 
 
-def _label_of(header, rec: str, key: int, offset: int) -> int:
+def _label_of(header) -> int:
     value = float(np.atleast_1d(header.label)[0]) if header.flag > 0 else float(header.label)
-    if not value.is_integer():
-        raise ValueError(f"{rec}: record key {key} (byte offset {offset}) has a non-integer label {value}")
+    if not value.is_integer():  # NaN and infinities included
+        raise ValueError(f"non-integer label {value}")
     return int(value)
 
 
-def _read_block(rec: str, start: int, end: int, keys: np.ndarray, starts: np.ndarray,
+def _read_block(rec: str, start: int, end: int, keys: np.ndarray, starts: np.ndarray, ends: np.ndarray,
                 num_classes: int | None, on_bad_record: str, bad_records: BadRecords | None,
                 include_paths: bool = False) -> pa.Table:
-    """Parse the image records with the given keys/offsets from the byte range [start, end) of `rec`."""
-    wanted = dict(zip(starts.tolist(), keys.tolist()))
+    """Parse the image records with the given keys/offsets/extents from the byte range [start, end) of `rec`.
+
+    Each record is parsed on its own from its `.idx` offset and must fill its extent (up to the next indexed
+    record): a damaged record never swallows or hides its neighbour, and under "skip" every image record of
+    the range is either returned or counted once in `bad_records`."""
     out_keys, out_labels, out_images, bad = [], [], [], []
     buf = storage.read_range(rec, start, end - start)
     skip = on_bad_record == "skip"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # skip_bad warns per spot; BadRecords reports instead
-        for offset, payload in iter_records(buf, base_offset=start, path=rec, skip_bad=skip):
-            key = wanted.pop(offset, None)
-            if key is None:
-                continue  # a non-image record (identity header) inside the range
-            try:
-                header, image = unpack(payload)
-                label = _label_of(header, rec, key, offset)
-            except ValueError as exc:
-                if not skip:
-                    raise RecordIOError(rec, offset, f"record key {key}: {exc}") from exc
-                bad.append(f"{rec}: record key {key} (byte offset {offset}): {exc}")
-                continue
-            if label < 0 or (num_classes is not None and label >= num_classes):
-                raise ValueError(f"{rec}: record key {key} (byte offset {offset}) has label {label} outside "
-                                 f"[0, {num_classes if num_classes is not None else 'inf'}) (num_classes from "
-                                 "the shard's 'property' file or the num_classes argument)")
-            out_keys.append(key)
-            out_labels.append(label)
-            out_images.append(image)
-    if wanted:
-        off, key = next(iter(wanted.items()))
-        if not skip:
-            raise RecordIOError(rec, off, f"record key {key}: no record starts at its .idx offset "
-                                          f"({len(wanted)} record(s) of this range missing)")
-        bad += [f"{rec}: record key {k} (byte offset {o}): unreadable record" for o, k in wanted.items()]
+    for key, offset, stop in zip(keys.tolist(), starts.tolist(), ends.tolist()):
+        try:
+            payload = read_extent(buf, offset - start, stop - start, base_offset=start, path=rec)
+            header, image = unpack(payload)
+            label = _label_of(header)
+        except ValueError as exc:  # RecordIOError included
+            reason = f"record key {key} (byte offset {offset}): {getattr(exc, 'reason', exc)}"
+            if not skip:
+                raise RecordIOError(rec, None, reason) from None
+            bad.append(f"{rec}: {reason}")
+            continue
+        if label < 0 or (num_classes is not None and label >= num_classes):  # a setting to fix: never skipped
+            raise RecordIOError(rec, None, f"record key {key} (byte offset {offset}): label {label} outside "
+                                           f"[0, {num_classes if num_classes is not None else 'inf'}) (num_classes "
+                                           "from the shard's 'property' file or the num_classes argument)")
+        out_keys.append(key)
+        out_labels.append(label)
+        out_images.append(image)
     report_bad(bad_records, bad)
     columns = [pa.array(out_keys, pa.int64()), pa.array(out_labels, pa.int64()), pa.array(out_images, pa.binary())]
     if include_paths:
@@ -272,8 +300,8 @@ class RecordIODatasource(Datasource):
             n = len(shard.keys)
             parts = min(n, max(1, round(parallelism * nbytes / total)))
             for lo, hi in _split_even(n, parts):
-                blocks = [(int(shard.starts[a]), int(shard.ends[b - 1]), shard.keys[a:b], shard.starts[a:b])
-                          for a, b in _blocks_of(shard, lo, hi, self._block_bytes)]
+                blocks = [(int(shard.starts[a]), int(shard.ends[b - 1]), shard.keys[a:b], shard.starts[a:b],
+                           shard.ends[a:b]) for a, b in _blocks_of(shard, lo, hi, self._block_bytes)]
                 nbytes_task = int((shard.ends[lo:hi] - shard.starts[lo:hi]).sum())
                 meta = BlockMetadata(num_rows=hi - lo, size_bytes=nbytes_task, input_files=[shard.rec],
                                      exec_stats=None)
@@ -287,8 +315,8 @@ class RecordIODatasource(Datasource):
                                                     self._include_paths)
 
         def read():
-            for start, end, keys, starts in blocks:
-                yield _read_block(rec, start, end, keys, starts, num_classes, on_bad, bad, with_path)
+            for start, end, keys, starts, ends in blocks:
+                yield _read_block(rec, start, end, keys, starts, ends, num_classes, on_bad, bad, with_path)
 
         return read
 
@@ -309,10 +337,11 @@ def _expand(paths) -> list[str]:
 
 
 def _aws_runtime_env(paths: list[str]) -> dict:
-    """The driver's AWS_* settings, for read tasks on workers started before they were set."""
+    """The driver's AWS_* and MAGFACE_S3_* (timeouts) settings, for read tasks on workers started before
+    they were set."""
     if not any(storage.is_s3(p) for p in paths):
         return {}
-    env = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
+    env = {k: v for k, v in os.environ.items() if k.startswith(("AWS_", "MAGFACE_S3_"))}
     return {"runtime_env": {"env_vars": env}} if env else {}
 
 

@@ -4,10 +4,17 @@ S3 goes through boto3 with its standard configuration chain, nothing project-spe
 ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY`` (or a profile, or an instance role), region from
 ``AWS_DEFAULT_REGION``, and a custom endpoint (MinIO, moto, Ceph) from ``AWS_ENDPOINT_URL_S3`` or
 ``AWS_ENDPOINT_URL``, which botocore >= 1.31 reads natively.
+
+Network waits are bounded and said out loud: each request attempt waits at most
+``MAGFACE_S3_CONNECT_TIMEOUT`` seconds to connect (default 5) and ``MAGFACE_S3_READ_TIMEOUT`` seconds for
+each read from the socket (default 20), and is tried ``MAGFACE_S3_MAX_ATTEMPTS`` times in all (default 3).
+Every retry logs a warning naming the object and the failure, so a frozen endpoint is reported within one
+read timeout and fails with a StorageError after about attempts x (read timeout + backoff).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
@@ -40,6 +47,9 @@ _CLIENT_ENV = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "
                "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE")
 _clients: dict = {}
 _clients_lock = threading.Lock()
+logger = logging.getLogger(__name__)
+# The bounds on network waits (see module docstring): environment variable -> default.
+TIMEOUT_ENV = {"MAGFACE_S3_CONNECT_TIMEOUT": 5.0, "MAGFACE_S3_READ_TIMEOUT": 20.0, "MAGFACE_S3_MAX_ATTEMPTS": 3}
 
 
 class StorageError(OSError):
@@ -74,24 +84,73 @@ def parent(uri) -> str:
     return os.path.dirname(os.path.abspath(uri))
 
 
-def _client(retries: int = 5):
-    """One boto3 S3 client per process and configuration (boto3 clients are thread-safe)."""
-    env = tuple(os.environ.get(k) for k in _CLIENT_ENV)
+def timeouts() -> dict:
+    """The network bounds in force: {connect_timeout, read_timeout (seconds), max_attempts}, from the
+    MAGFACE_S3_* environment variables (errors name the variable)."""
+    out = {}
+    for name, default in TIMEOUT_ENV.items():
+        raw = os.environ.get(name)
+        try:
+            value = type(default)(raw) if raw not in (None, "") else default
+        except ValueError:
+            raise StorageError(f"{name}={raw!r}: expected a number") from None
+        if not 0 < value < 1e6:
+            raise StorageError(f"{name}={raw!r}: must be > 0")
+        out[name[len("MAGFACE_S3_"):].lower()] = value
+    return out
+
+
+def _client(retries: int | None = None):
+    """One boto3 S3 client per process and configuration (boto3 clients are thread-safe). `retries`: total
+    attempts per request (default MAGFACE_S3_MAX_ATTEMPTS)."""
+    limits = timeouts()
+    attempts = limits["max_attempts"] if retries is None else retries
+    key = (tuple(os.environ.get(k) for k in _CLIENT_ENV), attempts, limits["connect_timeout"], limits["read_timeout"])
     with _clients_lock:
-        client = _clients.get((env, retries))
+        client = _clients.get(key)
         if client is None:
             import boto3
             from botocore.config import Config
 
-            cfg = Config(retries={"mode": "standard", "max_attempts": retries}, connect_timeout=10,
-                         read_timeout=120, max_pool_connections=32)
-            client = _clients[(env, retries)] = boto3.session.Session().client("s3", config=cfg)
+            cfg = Config(retries={"mode": "standard", "max_attempts": attempts},
+                         connect_timeout=limits["connect_timeout"], read_timeout=limits["read_timeout"],
+                         max_pool_connections=32)
+            client = _clients[key] = boto3.session.Session().client("s3", config=cfg)
+            client.meta.events.register("needs-retry.s3", _note_failure)
+            client.meta.events.register("request-created.s3", _warn_retry)
         return client
+
+
+def _note_failure(request_dict=None, response=None, caught_exception=None, **_):
+    """Remember why an attempt failed (botocore's own retry handler decides whether to retry)."""
+    if request_dict is None:
+        return None
+    if caught_exception is not None:
+        why = f"{type(caught_exception).__name__}: {caught_exception}"
+    elif response is not None:
+        status = response[0].status_code if response[0] is not None else "?"
+        why = f"HTTP {status} {response[1].get('Error', {}).get('Code', '')}".strip()
+    else:
+        why = "unknown failure"
+    request_dict["context"]["magface_last_failure"] = why
+    return None
+
+
+def _warn_retry(request=None, operation_name=None, **_):
+    """A warning per retry, as it happens: which request, which attempt, and why the last one failed."""
+    ctx = getattr(request, "context", None) or {}
+    attempt = ctx.get("retries", {}).get("attempt", 1)
+    if attempt > 1:
+        url = getattr(request, "url", "?").split("?")[0]
+        logger.warning("S3 %s %s: attempt %d of %d after %s (bounds: MAGFACE_S3_READ_TIMEOUT, "
+                       "MAGFACE_S3_MAX_ATTEMPTS)", operation_name, url, attempt, timeouts()["max_attempts"],
+                       ctx.get("magface_last_failure", "a failure"))
 
 
 def _s3_error(uri: str, exc: Exception) -> StorageError:
     """Translate a botocore failure into a message that says which bucket and what is wrong."""
-    from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
+    from botocore.exceptions import (ClientError, ConnectTimeoutError, EndpointConnectionError, NoCredentialsError,
+                                     ReadTimeoutError)
 
     bucket, key = split_s3(uri)
     if isinstance(exc, NoCredentialsError):
@@ -99,6 +158,11 @@ def _s3_error(uri: str, exc: Exception) -> StorageError:
                "or run with an instance role")
     elif isinstance(exc, EndpointConnectionError):
         why = f"S3 endpoint unreachable ({exc}); check AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL and the network"
+    elif isinstance(exc, (ReadTimeoutError, ConnectTimeoutError)):
+        limits = timeouts()
+        why = (f"S3 endpoint stopped answering ({exc}) after {limits['max_attempts']} attempt(s) of "
+               f"{limits['read_timeout']:g} s (MAGFACE_S3_READ_TIMEOUT / MAGFACE_S3_MAX_ATTEMPTS); check the "
+               "endpoint and the network")
     elif isinstance(exc, ClientError):
         code = str(exc.response.get("Error", {}).get("Code", ""))
         if code in ("NoSuchBucket",):

@@ -15,15 +15,13 @@ and row order. `epoch_base` re-aligns the count when training resumes from a che
 from __future__ import annotations
 
 import numpy as np
-import simplejpeg
 
-from magface.data.codec import ImageDecodeError, decode_jpeg
+from magface.data.codec import MAX_PIXELS, ImageDecodeError, decode_jpeg
 from magface.data.datasource import BadRecords, report_bad
 
 __all__ = ["decode_batch", "decode_images", "flip_mask"]
 
 _ON_BAD = ("raise", "skip")
-_JPEG_SOI = b"\xff\xd8"
 _M64 = (1 << 64) - 1
 
 
@@ -52,19 +50,13 @@ def _current_epoch(epoch_base: int) -> int:
     return epoch_base + int(getattr(DataContext.get_current(), "_execution_idx", 0))
 
 
-def _decode_flipped(data) -> np.ndarray:
+def _decode_flipped(data, **limits) -> np.ndarray:
     """Decode and mirror horizontally in one cheap step: a BGR row read backwards byte by byte is the
-    mirrored RGB row. (numpy copies `img[:, ::-1]` of 3-byte pixels ~20x slower than a byte reversal.)"""
-    buf = data if isinstance(data, bytes) else bytes(data)
-    if buf[:2] == _JPEG_SOI:
-        try:
-            bgr = simplejpeg.decode_jpeg(buf, colorspace="BGR")
-        except (ValueError, RuntimeError):
-            bgr = None  # let the codec (with its Pillow fallback) decide
-        if bgr is not None:
-            h, w, _ = bgr.shape
-            return bgr.reshape(h, w * 3)[:, ::-1].reshape(h, w, 3)
-    return decode_jpeg(buf)[:, ::-1]
+    mirrored RGB row. (numpy copies `img[:, ::-1]` of 3-byte pixels ~20x slower than a byte reversal.)
+    `limits`: decode_jpeg's header checks (size, max_pixels)."""
+    bgr = decode_jpeg(data, colorspace="BGR", **limits)
+    h, w, _ = bgr.shape
+    return bgr.reshape(h, w * 3)[:, ::-1].reshape(h, w, 3)
 
 
 def _resize(img: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -85,17 +77,21 @@ def decode_batch(batch: dict, *, image_size: tuple[int, int] = (112, 112), flip:
     flips = flip_mask(keys, seed, epoch) if flip else np.zeros(len(keys), dtype=bool)
     good = np.ones(len(keys), dtype=bool)
     bad = []
+    # Header first: without resize only the exact size is decoded; with it, at most MAX_PIXELS.
+    limits = {"max_pixels": MAX_PIXELS} if resize else {"size": (height, width)}
     for i, data in enumerate(encoded):
         try:
-            img = _decode_flipped(data) if flips[i] else decode_jpeg(data)
+            img = _decode_flipped(data, **limits) if flips[i] else decode_jpeg(data, **limits)
             if img.shape[:2] != (height, width):
-                if not resize:
-                    raise ImageDecodeError(f"image is {img.shape[1]}x{img.shape[0]}, expected {width}x{height} "
-                                           "(pass resize=True to resize)")
+                if not resize:  # a header that lied about the size
+                    raise ImageDecodeError(f"image is {img.shape[1]}x{img.shape[0]}, expected {width}x{height}")
                 img = _resize(img, height, width)
         except ImageDecodeError as exc:
             where = f"{paths[i]}: " if paths is not None else ""
             msg = f"{where}record key {int(keys[i])}: {exc}"
+            if not resize and str(exc).startswith("image is "):
+                msg += (f" (data.image_size is {height}; set it to the shards' size, or data.resize=true to "
+                        "resize, or convert with --resize/--align: docs/own_faces.md)")
             if on_bad_record == "raise":
                 raise ImageDecodeError(msg) from exc
             good[i] = False

@@ -1,4 +1,4 @@
-"""Evaluation: verification metrics, IJB templates and scores, quality ERC, clustering, plots.
+"""Evaluation: verification metrics, IJB templates and scores, quality ERC/EDC, clustering, plots.
 
 Each metric is one function here; the CLI, MLflow logging and the tests all call the same one.
 Names load lazily: a Ray worker that needs one metric does not pay for sklearn, matplotlib and torch.
@@ -9,8 +9,8 @@ import importlib
 _EXPORTS = {
     "clustering": ["bcubed", "cluster_features", "cluster_report", "magnitude_vs_center", "nmi"],
     "metrics": ["DEFAULT_FARS", "check_pairs", "roc_points", "tar_at_far"],
-    "plots": ["erc_figure", "magnitude_center_figure", "magnitude_histogram", "roc_figure"],
-    "quality": ["error_versus_reject", "threshold_at_fmr"],
+    "plots": ["edc_figure", "erc_figure", "magnitude_center_figure", "magnitude_histogram", "roc_figure"],
+    "quality": ["edc_curve", "edc_pauc", "edc_report", "error_versus_reject", "threshold_at_fmr"],
     "templates": ["UnknownTemplateError", "aggregate_templates", "score_pairs", "template_rows"],
     "verification": ["verification_accuracy"],
 }

@@ -1,8 +1,12 @@
 """Face alignment: a 5-point similarity transform onto the ArcFace template, then a bilinear warp.
 
 This reproduces insightface's `norm_crop` (skimage SimilarityTransform = Umeyama least squares, then
-cv2.warpAffine with bilinear interpolation and a black border) without OpenCV: the warp is numpy +
-scipy.ndimage.map_coordinates with cv2's pixel-centre convention (integer coordinates are pixel centres).
+cv2.warpAffine with bilinear interpolation and its default BORDER_CONSTANT black border) without OpenCV: the
+warp is numpy + scipy.ndimage.map_coordinates with cv2's pixel-centre convention (integer coordinates are
+pixel centres). Near the edge cv2 blends the edge pixel with the black outside (scipy's "grid-constant";
+"constant" would blacken the last pixel); cv2 rounds coordinates to 1/32 px and weights to 1/2^15, hence
+results within 1 grey level of it. Landmarks outside the image are aligned all the same, as eval_ijbc.py
+does (`landmarks_outside` lets the caller count them).
 """
 
 from __future__ import annotations
@@ -88,32 +92,34 @@ def warp_affine(image: np.ndarray, matrix: np.ndarray, out_size: tuple[int, int]
     out = np.empty((oh, ow, planes.shape[2]), dtype=np.float64)
     for c in range(planes.shape[2]):
         out[..., c] = ndimage.map_coordinates(planes[..., c].astype(np.float64), [sy, sx], order=1,
-                                              mode="constant", cval=0.0, prefilter=False)
+                                              mode="grid-constant", cval=0.0, prefilter=False)
     out = np.clip(np.rint(out), 0, 255).astype(np.uint8)
     return out[..., 0] if img.ndim == 2 else out
 
 
-def check_landmarks(landmarks: np.ndarray, shape: tuple[int, ...], where: str = "") -> np.ndarray:
-    """(5, 2) float landmarks, finite and inside an image of `shape` (H, W, ...); else LandmarkError."""
+def check_landmarks(landmarks: np.ndarray, where: str = "") -> np.ndarray:
+    """(5, 2) float64 landmarks, finite; else LandmarkError naming `where`."""
     lm = np.asarray(landmarks, dtype=np.float64)
     if lm.size != 10:
         raise LandmarkError(f"{where}: expected 5 landmark points (10 numbers), got {lm.size}")
     lm = lm.reshape(5, 2)
-    h, w = shape[:2]
     if not np.isfinite(lm).all():
         raise LandmarkError(f"{where}: landmarks are not finite: {lm.ravel().tolist()}")
-    bad = (lm[:, 0] < 0) | (lm[:, 0] > w - 1) | (lm[:, 1] < 0) | (lm[:, 1] > h - 1)
-    if bad.any():
-        i = int(np.flatnonzero(bad)[0])
-        raise LandmarkError(f"{where}: landmark {i} at ({lm[i, 0]:.1f}, {lm[i, 1]:.1f}) is outside the "
-                            f"{w}x{h} image")
     return lm
+
+
+def landmarks_outside(landmarks: np.ndarray, shape: tuple[int, ...]) -> bool:
+    """Whether any of the 5 points lies outside an image of `shape` (H, W, ...) (pixel centres 0..W-1)."""
+    lm = np.asarray(landmarks, dtype=np.float64).reshape(5, 2)
+    h, w = shape[:2]
+    return bool(((lm[:, 0] < 0) | (lm[:, 0] > w - 1) | (lm[:, 1] < 0) | (lm[:, 1] > h - 1)).any())
 
 
 def align_face(image: np.ndarray, landmarks: np.ndarray, size: int | tuple[int, int] = 112,
                where: str = "") -> np.ndarray:
-    """uint8 HxWx3 image + 5 landmarks (x, y in pixels) -> aligned uint8 size x size x 3 crop."""
-    lm = check_landmarks(landmarks, image.shape, where)
+    """uint8 HxWx3 image + 5 landmarks (x, y in pixels) -> aligned uint8 size x size x 3 crop. Points outside
+    the image are used as they are (the crop is then partly black, as cv2.warpAffine makes it)."""
+    lm = check_landmarks(landmarks, where)
     out = (size, size) if isinstance(size, int) else tuple(size)
     m = umeyama(lm, reference_landmarks(out))
     return warp_affine(image, m, out)

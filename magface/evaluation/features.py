@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -21,15 +20,32 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Extracted:
-    features: np.ndarray  # (N, D) float32 unit features
-    magnitudes: np.ndarray  # (N,) float32
+    features: np.ndarray  # (N, D) float32 unit features of the image as given (F1)
+    magnitudes: np.ndarray  # (N,) float32 |F1|: the quality score
     valid: np.ndarray  # (N,) bool
     failures: dict[int, str] = field(default_factory=dict)  # image index -> message, for skipped images
+    # with flip: unit (F1 + F2) and |F1 + F2|, F2 the feature of the mirrored image (insightface's fusion)
+    flip_features: np.ndarray | None = None
+    flip_magnitudes: np.ndarray | None = None
+    landmarks_outside: np.ndarray | None = None  # (N,) bool: aligned from landmarks outside the image
 
     def slice(self, start: int, stop: int) -> "Extracted":
         """Rows start..stop (one source of a concatenated table), failures re-indexed."""
         fails = {i - start: m for i, m in self.failures.items() if start <= i < stop}
-        return Extracted(self.features[start:stop], self.magnitudes[start:stop], self.valid[start:stop], fails)
+
+        def cut(a):
+            return None if a is None else a[start:stop]
+
+        return Extracted(self.features[start:stop], self.magnitudes[start:stop], self.valid[start:stop], fails,
+                         cut(self.flip_features), cut(self.flip_magnitudes), cut(self.landmarks_outside))
+
+    def fused(self, flip: bool) -> tuple[np.ndarray, np.ndarray]:
+        """(unit features, magnitudes): F1 + F2 with flip (which must have been extracted), else F1."""
+        if not flip:
+            return self.features, self.magnitudes
+        if self.flip_features is None:
+            raise ValueError("flip fusion needs the mirrored images' features: extract with flip=True")
+        return self.flip_features, self.flip_magnitudes
 
 
 def image_table(*, paths=None, data=None, landmarks=None, where=None):
@@ -70,15 +86,20 @@ def load_batch(batch: dict, size: int) -> dict:
     n = len(batch["index"])
     images = np.zeros((n, size, size, 3), np.uint8)
     errors = [""] * n
+    outside = np.zeros(n, bool)
     for i in range(n):
         lm = np.asarray(batch["landmarks"][i], np.float32)
         data = batch["data"][i]
+        info: dict = {}
         try:
             images[i] = load_face(bytes(data) if len(data) else None, str(batch["path"][i]),
-                                  None if np.isnan(lm).all() else lm.reshape(5, 2), size, str(batch["where"][i]))
+                                  None if np.isnan(lm).all() else lm.reshape(5, 2), size, str(batch["where"][i]),
+                                  info)
         except BadImageError as e:
             errors[i] = str(e)
-    return {"index": batch["index"], "image": images, "error": np.array(errors, dtype=object)}
+        outside[i] = info.get("landmarks_outside", False)
+    return {"index": batch["index"], "image": images, "error": np.array(errors, dtype=object),
+            "outside": outside}
 
 
 class EmbedBatch:
@@ -95,18 +116,26 @@ class EmbedBatch:
         self.flip = flip
 
     def __call__(self, batch: dict) -> dict:
+        import torch
+
         ok = np.array([not e for e in batch["error"]], bool)
         images = np.asarray(batch["image"])
         n = len(ok)
-        feats, mags = None, np.zeros(n, np.float32)
-        if ok.any():
-            f, m = self.embedder.embed(images[ok], flip=self.flip)
-            f, m = np.asarray(f, np.float32), np.asarray(m, np.float32)
+        out = {k: v for k, v in batch.items() if k != "image"}  # index, error, outside and any id columns
+        names = ("feature", "magnitude") + (("flip_feature", "flip_magnitude") if self.flip else ())
+        if not ok.any():  # feature width fixed up on the driver
+            return {**out, **{k: np.zeros((n, 1) if "feature" in k else n, np.float32) for k in names}}
+        x = torch.as_tensor(images[ok])
+        f1 = self.embedder.raw_features(x)  # one forward per orientation: F1 for MagFace, F1 + F2 for flip
+        parts = [f1] + ([f1 + self.embedder.raw_features(x.flip(2))] if self.flip else [])
+        for (kf, km), f in zip((names[:2], names[2:]), parts):
+            norm = f.norm(dim=1)
             feats = np.zeros((n, f.shape[1]), np.float32)
-            feats[ok], mags[ok] = f, m
-        else:
-            feats = np.zeros((n, 1), np.float32)  # width fixed up on the driver
-        return {"index": batch["index"], "feature": feats, "magnitude": mags, "error": batch["error"]}
+            mags = np.zeros(n, np.float32)
+            feats[ok] = torch.nn.functional.normalize(f, dim=1).numpy()
+            mags[ok] = norm.numpy()
+            out[kf], out[km] = feats, mags
+        return out
 
 
 def default_pool(num_gpus: float, num_cpus: float) -> tuple[int, bool]:
@@ -151,9 +180,11 @@ def extract_features(table, checkpoint: str, *, image_size: int, batch_size: int
                         batch_size=batch_size, batch_format="numpy",
                         compute=ray.data.ActorPoolStrategy(size=pool_size),
                         num_gpus=1 if use_gpu else 0, num_cpus=0 if use_gpu else cpus_per_actor)
-    features = None
+    features = flip_features = None
     magnitudes = np.zeros(n, np.float32)
+    flip_magnitudes = np.zeros(n, np.float32) if flip else None
     valid = np.zeros(n, bool)
+    outside = np.zeros(n, bool)
     seen = np.zeros(n, bool)
     failures: dict[int, str] = {}
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
@@ -170,24 +201,33 @@ def extract_features(table, checkpoint: str, *, image_size: int, batch_size: int
         if ok.any():
             if features is None:
                 features = np.zeros((n, f.shape[1]), np.float32)
+                flip_features = np.zeros_like(features) if flip else None
             features[idx[ok]] = f[ok]
+            if flip:
+                flip_features[idx[ok]] = np.asarray(batch["flip_feature"], np.float32)[ok]
         magnitudes[idx] = batch["magnitude"]
+        if flip:
+            flip_magnitudes[idx] = batch["flip_magnitude"]
         valid[idx] = ok
+        outside[idx] = batch["outside"]
         seen[idx] = True
     if not seen.all():
         raise RuntimeError(f"feature extraction lost {int((~seen).sum())} of {n} images")
     if features is None:
         features = np.zeros((n, 1), np.float32)
+        flip_features = features.copy() if flip else None
     if failures:
         log.warning("%d of %d images could not be used and were skipped; first: %s", len(failures), n,
                     next(iter(failures.values())))
-    return Extracted(features, magnitudes, valid, failures)
+    if outside.any():
+        log.warning("%d of %d faces have landmarks outside their image; aligned as OpenCV would (partly black "
+                    "crops), as the reference scripts do", int(outside.sum()), n)
+    return Extracted(features, magnitudes, valid, failures, flip_features, flip_magnitudes, outside)
 
 
 def ray_init_if_needed(address: str | None = None) -> None:
-    """Join a running cluster (RAY_ADDRESS / ray job submit) or start a local one."""
-    import ray
+    """Join the cluster at `address` / RAY_ADDRESS (ray job submit), else start a private local Ray: the
+    connection rule of every pipeline (magface.cluster.connect)."""
+    from magface.cluster import connect
 
-    if not ray.is_initialized():
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        ray.init(address=address, log_to_driver=False, include_dashboard=False)
+    connect(address=address, dashboard=False)

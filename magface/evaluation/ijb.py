@@ -17,10 +17,51 @@ from pathlib import Path
 
 import numpy as np
 
-from magface.evaluation.alignment import LandmarkError, align_face, warp_affine
+from magface.evaluation.alignment import LandmarkError, align_face, landmarks_outside, warp_affine
 
 FARS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
-RULES = ("plain", "magface_plus")
+CONVENTIONS = ("insightface", "magface", "magface_plus")
+DEFAULT_CONVENTIONS = ("insightface", "magface_plus")
+
+
+@dataclass(frozen=True)
+class Convention:
+    """One named IJB template convention (docs/conventions.md), equal to its reference script.
+
+    - "insightface": arcface_torch `eval_ijbc.py`, with its switches (all on there): `norm_score` keeps each
+      image feature's norm, `detector_score` multiplies it by the faceness score, `flip` uses F1 + F2 (F2 the
+      feature of the mirrored image); media mean, template sum, normalised.
+    - "magface" / "magface_plus": MagFace `eval_ijb.py` with `qlt=0` / `qlt=1`: raw F1 (that script has no
+      flip), no faceness; the switches do not apply.
+    """
+
+    rule: str
+    norm_score: bool = True
+    detector_score: bool = True
+    flip: bool = True
+
+    def __post_init__(self):
+        if self.rule not in CONVENTIONS:
+            raise ValueError(f"unknown IJB convention {self.rule!r}; known: {', '.join(CONVENTIONS)}")
+
+    @property
+    def name(self) -> str:
+        """'insightface' with its script's defaults, else e.g. 'insightface_N1D0F1' (its TestMode letters)."""
+        if self.rule != "insightface" or (self.norm_score and self.detector_score and self.flip):
+            return self.rule
+        return f"insightface_N{int(self.norm_score)}D{int(self.detector_score)}F{int(self.flip)}"
+
+
+def parse_conventions(names=DEFAULT_CONVENTIONS, *, norm_score: bool = True, detector_score: bool = True,
+                      flip: bool = True) -> list[Convention]:
+    """Conventions from names (a list or 'a,b'); the switches apply to "insightface"."""
+    if isinstance(names, str):
+        names = [n.strip() for n in names.split(",") if n.strip()]
+    out = [n if isinstance(n, Convention) else
+           Convention(n, norm_score, detector_score, flip) if n == "insightface" else Convention(n) for n in names]
+    if not out:
+        raise ValueError(f"no IJB convention given; known: {', '.join(CONVENTIONS)}")
+    return list(dict.fromkeys(out))
 
 
 class ProtocolError(ValueError):
@@ -71,31 +112,44 @@ def find_ijb_dir(data_root: str | Path, name: str) -> Path:
 def _read_columns(path: Path, kinds: str, what: str) -> list[np.ndarray]:
     """Whitespace-separated columns; kinds is one letter per column: s(tring), i(nt), f(loat).
 
-    pyarrow's CSV reader does the 15.6M-line pair file in about a second; if it refuses a file, a line-by-line
-    pass finds the first bad line so the error names it.
+    pyarrow's CSV reader does the 15.6M-line pair file in about a second. It splits on single spaces, so a
+    file with runs of blanks, tabs or trailing blanks (the real IJB release has some) is first rewritten in
+    memory to single spaces, as both reference readers accept it. If it still refuses, a line-by-line pass
+    finds the first bad line so the error names it. "nan" is a number here, never an empty field: the
+    caller's finiteness check names its line.
     """
     if not path.is_file():
         raise ProtocolError(f"missing protocol file {path} ({what}); expected a text file with "
                             f"{len(kinds)} space-separated columns per line")
+    import io
+    import re
+
     import pyarrow as pa
     from pyarrow import csv
 
     names = [f"c{i}" for i in range(len(kinds))]
     types = {n: {"s": pa.string(), "i": pa.int64(), "f": pa.float64()}[k] for n, k in zip(names, kinds)}
-    try:
+
+    def parse(source):
         table = csv.read_csv(
-            path,
+            source,
             read_options=csv.ReadOptions(column_names=names, block_size=1 << 24),
             parse_options=csv.ParseOptions(delimiter=" ", ignore_empty_lines=True),
-            convert_options=csv.ConvertOptions(column_types=types, strings_can_be_null=False,
+            convert_options=csv.ConvertOptions(column_types=types, null_values=[], strings_can_be_null=False,
                                                quoted_strings_can_be_null=False),
         )
-        cols = [table.column(n) for n in names]
-        if any(c.null_count for c in cols):
-            raise pa.ArrowInvalid("empty field")
-    except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
-        _raise_first_bad_line(path, kinds, what)
-        raise ProtocolError(f"{path}: cannot parse {what}: {e}") from e  # a failure the scan did not see
+        return [table.column(n) for n in names]
+
+    try:
+        cols = parse(path)
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        data = path.read_bytes()
+        tidy = re.sub(rb"[ \t]*(\r?\n)[ \t]*", rb"\n", re.sub(rb"[ \t]+", b" ", data)).strip(b" \t")
+        try:
+            cols = parse(io.BytesIO(tidy))
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+            _raise_first_bad_line(path, kinds, what)
+            raise ProtocolError(f"{path}: cannot parse {what}: {e}") from e  # a failure the scan did not see
     out = []
     for c, k in zip(cols, kinds):
         arr = c.to_numpy()
@@ -167,9 +221,11 @@ def read_protocol(set_dir: str | Path, name: str | None = None) -> IJBProtocol:
 
 # ---------------------------------------------------------------------------------------- images
 def load_face(data: bytes | None, path: str | None, landmarks: np.ndarray | None, size: int,
-              where: str) -> np.ndarray:
+              where: str, info: dict | None = None) -> np.ndarray:
     """Read + decode one image and bring it to size x size: 5-point alignment when landmarks are given, else
-    a plain bilinear resize when the size differs (.bin sets are already aligned). Raises BadImageError."""
+    a plain bilinear resize when the size differs (.bin sets are already aligned). Raises BadImageError.
+    Landmarks outside the image are aligned as OpenCV would (eval_ijbc.py keeps such faces); `info`, when
+    given, receives "landmarks_outside": bool so the caller can count them."""
     from magface.data.codec import decode_jpeg
 
     try:
@@ -182,7 +238,10 @@ def load_face(data: bytes | None, path: str | None, landmarks: np.ndarray | None
         img = np.repeat(img[..., None], 3, axis=2)
     try:
         if landmarks is not None:
-            return align_face(img, landmarks, size, where=where)
+            face = align_face(img, landmarks, size, where=where)
+            if info is not None:
+                info["landmarks_outside"] = landmarks_outside(landmarks, img.shape)
+            return face
     except LandmarkError as e:
         raise BadImageError(str(e)) from None
     if img.shape[:2] != (size, size):
@@ -205,34 +264,49 @@ def protocol_images(protocol: IJBProtocol):
 
 # ---------------------------------------------------------------------------------------- scoring
 def ijb_verification(protocol: IJBProtocol, features: np.ndarray, magnitudes: np.ndarray,
-                     valid: np.ndarray | None = None, *, faceness: bool = False, fars=FARS,
-                     rules=RULES) -> dict:
-    """Templates (media average, then template average) under each rule, cosine scores for every pair,
-    TAR@FAR under both conventions.
+                     valid: np.ndarray | None = None, *, flip_features: np.ndarray | None = None,
+                     flip_magnitudes: np.ndarray | None = None, conventions=DEFAULT_CONVENTIONS,
+                     fars=FARS) -> dict:
+    """Templates under each convention (see `Convention`), cosine scores for every pair, TAR@FAR under both
+    tie conventions ("nearest": the published numbers; "strict").
 
-    features: (N, D) unit features, magnitudes: (N,), valid: (N,) bool (False = image failed and skipped).
-    faceness: weight each image by the detector score (insightface's `use_detector_score`).
+    features: (N, D) unit F1, magnitudes: (N,) |F1|; flip_features / flip_magnitudes: unit (F1 + F2) and its
+    norm, needed by an insightface convention with flip. valid: (N,) bool (False = image failed and skipped).
+    conventions: Convention objects or names (names take the insightface defaults).
     Pairs whose template lost all its images score -1 (counted as a rejection), and are counted.
-    Returns {"tar_at_far": {rule: {convention: {far: tar}}}, "scores": {rule: float32 (P,)}, "labels", ...}.
+    Returns {"tar_at_far": {name: {tie convention: {far: tar}}}, "scores": {name: (P,)}, "labels", ...}.
     """
     from magface.evaluation.metrics import tar_at_far
     from magface.evaluation.templates import aggregate_templates, score_pairs
 
+    convs = parse_conventions(conventions)
     n = len(protocol.images)
     valid = np.ones(n, bool) if valid is None else np.asarray(valid, bool)
     tids, mids = protocol.template_ids[valid], protocol.media_ids[valid]
-    weights = protocol.faceness[valid] if faceness else None
     present = np.isin(protocol.pairs, np.unique(tids)).all(1)
     p1, p2 = protocol.pairs[present, 0], protocol.pairs[present, 1]
+    genuine = protocol.labels == 1  # bool once: tar_at_far then skips its label checks
     out = {"tar_at_far": {}, "scores": {}, "labels": protocol.labels, "n_images": n,
            "n_images_used": int(valid.sum()), "n_templates": int(np.unique(protocol.template_ids).size),
-           "n_pairs": int(len(protocol.pairs)), "n_pairs_missing_template": int((~present).sum())}
-    for rule in rules:
-        t_ids, t_feats = aggregate_templates(features[valid], magnitudes[valid], tids, mids, mode=rule,
-                                             weights=weights)
-        scores = np.full(len(protocol.pairs), -1.0, np.float32)
+           "n_pairs": int(len(protocol.pairs)), "n_pairs_missing_template": int((~present).sum()),
+           "conventions": {c.name: {"rule": c.rule, "norm_score": c.norm_score, "detector_score": c.detector_score,
+                                    "flip": c.flip} if c.rule == "insightface" else {"rule": c.rule}
+                           for c in convs}}
+    for c in convs:
+        weights = None
+        if c.rule == "insightface":
+            if c.flip and flip_features is None:
+                raise ValueError(f"IJB convention {c.name}: flip needs the mirrored images' features "
+                                 "(extract with flip, or turn the convention's flip off)")
+            f, m = (flip_features, flip_magnitudes) if c.flip else (features, magnitudes)
+            m = m[valid] if c.norm_score else None  # unit rows when the norm is not kept
+            weights = protocol.faceness[valid] if c.detector_score else None
+        else:
+            f, m = features, magnitudes[valid]
+        t_ids, t_feats = aggregate_templates(f[valid], m, tids, mids, mode=c.rule, weights=weights)
+        scores = np.full(len(protocol.pairs), -1.0, t_feats.dtype)
         scores[present] = score_pairs(t_feats, t_ids, p1, p2)
-        out["scores"][rule] = scores
-        out["tar_at_far"][rule] = {conv: tar_at_far(scores, protocol.labels, fars, convention=conv)
-                                   for conv in ("nearest", "strict")}
+        out["scores"][c.name] = scores
+        out["tar_at_far"][c.name] = {tie: tar_at_far(scores, genuine, fars, convention=tie)
+                                     for tie in ("nearest", "strict")}
     return out

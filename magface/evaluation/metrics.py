@@ -75,10 +75,9 @@ def _curve_from_top(values: np.ndarray, is_pos: np.ndarray, complete: bool):
     return fps, tps, v[ends], keep, (n if complete else n - 1)
 
 
-def _prefix(scores: np.ndarray, genuine: np.ndarray, n_top: int):
-    """The curve restricted to thresholds >= the `n_top`-th largest impostor score (all of it if n_top >= N)."""
-    neg = scores[~genuine]
-    pos = scores[genuine]
+def _prefix(neg: np.ndarray, pos: np.ndarray, n_top: int):
+    """The curve restricted to thresholds >= the `n_top`-th largest impostor score (all of it if n_top >= N).
+    neg, pos: the impostor and genuine scores, split once by the caller."""
     if n_top >= neg.size:
         values, n_sel_neg, complete = np.concatenate([neg, pos]), neg.size, True
     else:
@@ -137,8 +136,9 @@ def tar_at_far(
     n_neg = scores.size - int(np.count_nonzero(genuine))
     n_pos = scores.size - n_neg
     n_top = min(n_neg, int(np.floor(max(fars) * n_neg)) + 2)
+    neg, pos = scores[~genuine], scores[genuine]  # split once, not per prefix size
     while True:
-        fps, tps, _, keep, confirmed = _prefix(scores, genuine, n_top)
+        fps, tps, _, keep, confirmed = _prefix(neg, pos, n_top)
         fpr = np.r_[0.0, fps] / float(n_neg)
         tpr = np.r_[0.0, tps] / float(n_pos)
         keep = np.r_[True, keep]
@@ -156,7 +156,7 @@ def roc_points(scores, labels, max_points: int | None = 2000) -> tuple[np.ndarra
     first and last points always kept). `max_points=None` returns every point."""
     scores, genuine = check_pairs(scores, labels, "roc_points")
     n_neg = scores.size - int(np.count_nonzero(genuine))
-    fps, tps, thr, keep, _ = _prefix(scores, genuine, n_neg)
+    fps, tps, thr, keep, _ = _prefix(scores[~genuine], scores[genuine], n_neg)
     fpr = np.r_[0.0, fps[keep]] / float(n_neg)
     tpr = np.r_[0.0, tps[keep]] / float(scores.size - n_neg)
     thr = np.r_[np.inf, thr[keep].astype(np.float64)]

@@ -22,18 +22,20 @@ def _figure(size=(6.0, 4.5)) -> tuple[Figure, object]:
 
 
 def roc_figure(curves: Mapping[str, tuple], title: str = "ROC", fars=DEFAULT_FARS) -> Figure:
-    """ROC curves on a log-FPR axis. curves: {name: (fpr, tpr) or (fpr, tpr, thresholds)} e.g. from roc_points."""
+    """ROC curves on a log-FPR axis that starts where the curves start (a small set's first false accept is
+    far above 1e-6). curves: {name: (fpr, tpr) or (fpr, tpr, thresholds)} e.g. from roc_points."""
     fig, ax = _figure()
-    lo = min(fars)
+    lo = None
     for name, curve in curves.items():
         fpr, tpr = np.asarray(curve[0]), np.asarray(curve[1])
         ok = fpr > 0
         ax.plot(fpr[ok], tpr[ok], lw=1.2, label=name)
         if ok.any():
-            lo = min(lo, float(fpr[ok].min()))
+            lo = float(fpr[ok].min()) if lo is None else min(lo, float(fpr[ok].min()))
+    lo = min(fars) if lo is None else lo
     ax.set_xscale("log")
     ax.set_xlim(lo, 1.0)
-    ax.set_xticks(list(fars))
+    ax.set_xticks([f for f in fars if f >= lo] or [1.0])
     ax.set_xlabel("False accept rate")
     ax.set_ylabel("True accept rate")
     ax.grid(True, which="major", ls="--", lw=0.5)
@@ -51,24 +53,50 @@ def erc_figure(curves: Mapping[str, Mapping], title: str | None = None) -> Figur
         ax.plot(100 * np.asarray(erc["fractions"]), erc["fnmr"], marker=".", lw=1.2, label=f"{name} (AUC {erc['auc']:.4f})")
     ax.set_xlabel("Ratio of rejected pairs [%]")
     ax.set_ylabel("FNMR")
-    ax.set_title(title or (f"FNMR at FMR={fmr:g}" if fmr is not None else "ERC"))
+    at = f"FNMR at FMR={fmr:g}" if fmr is not None else "ERC"
+    ax.set_title(f"{title}: {at}" if title and fmr is not None and "FMR" not in title else (title or at))
     ax.grid(True, ls="--", lw=0.5)
     ax.legend(loc="upper right")
     return fig
 
 
-def magnitude_histogram(magnitudes, bins: int = 50, title: str = "Feature magnitudes") -> Figure:
-    """Histogram(s) of feature magnitudes: an array, or {name: array} overlaid (e.g. per benchmark or quality bin)."""
+def edc_figure(curves: Mapping[str, Mapping], title: str | None = None, limit: float = 0.3) -> Figure:
+    """Error-versus-discard characteristics as steps. curves: {name: quality.edc_curve(...) result}; the legend
+    shows pAUC to 20% and 30% discard; the x axis stops a little past `limit`."""
+    from magface.evaluation.quality import edc_pauc
+
+    fig, ax = _figure()
+    for name, c in curves.items():
+        x, y = np.asarray(c["discard_fractions"]), np.asarray(c["fnmr"])
+        ax.step(100 * x, y, where="post", lw=1.2,
+                label=f"{name} (pAUC20 {edc_pauc(c, 0.2):.4f}, pAUC30 {edc_pauc(c, 0.3):.4f})")
+    ax.axvline(20, color="grey", ls=":", lw=0.8)
+    ax.axvline(30, color="grey", ls=":", lw=0.8)
+    ax.set_xlim(0, 100 * min(1.0, limit + 0.1))
+    ax.set_xlabel("Discarded genuine comparisons [%] (lowest quality first)")
+    ax.set_ylabel("FNMR at the full-set threshold")
+    ax.set_title(title or "EDC")
+    ax.grid(True, ls="--", lw=0.5)
+    ax.legend(loc="upper right", fontsize="small")
+    return fig
+
+
+def magnitude_histogram(magnitudes, bins: int = 50, title: str = "Feature magnitudes",
+                        bounds: Mapping[str, float] | None = None) -> Figure:
+    """Histogram(s) of feature magnitudes: an array, or {name: array} overlaid (e.g. per benchmark or quality bin).
+    bounds: labelled vertical lines, e.g. the loss's {"l_a": 10, "u_a": 110}."""
     fig, ax = _figure()
     groups = magnitudes if isinstance(magnitudes, Mapping) else {"": magnitudes}
     all_m = np.concatenate([np.asarray(m, dtype=np.float64).ravel() for m in groups.values()])
     edges = np.histogram_bin_edges(all_m, bins=bins)
     for name, m in groups.items():
         ax.hist(np.asarray(m).ravel(), bins=edges, alpha=0.6 if len(groups) > 1 else 1.0, label=name or None)
+    for i, (name, x) in enumerate((bounds or {}).items()):
+        ax.axvline(x, color="C3", ls="--" if i % 2 == 0 else ":", lw=1.2, label=f"{name} = {x:g}")
     ax.set_xlabel("Magnitude ‖f‖")
     ax.set_ylabel("Images")
     ax.set_title(title)
-    if len(groups) > 1:
+    if len(groups) > 1 or bounds:
         ax.legend()
     return fig
 

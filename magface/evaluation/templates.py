@@ -1,8 +1,9 @@
 """IJB template features and pair scores, vectorised: the library side of IJB-B/IJB-C 1:1 verification.
 
-Aggregation follows insightface's `image2template_feature` (images -> media mean -> template mean), done with
-one lexsort of the ids and a scatter-add of each image row into its media (`torch.index_add_`, float32 as the
-reference's np.mean; `np.add.reduceat` along rows is ~10x slower) instead of a Python loop over templates with
+Aggregation follows the reference scripts' `image2template_feature` (images -> media -> template; the named
+conventions are in `aggregate_templates` and docs/conventions.md), done with one lexsort of the ids and a
+scatter-add of each image row into its media (`torch.index_add_`, float32 as the references' np.mean / torch;
+`np.add.reduceat` along rows is ~10x slower) instead of a Python loop over templates with
 `np.where(templates == t)` (O(templates x images)). The input is read in contiguous chunks, never copied whole;
 memory beyond it is one chunk plus the media and template features.
 
@@ -19,7 +20,7 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
-MODES = ("plain", "magface", "magface_plus")
+MODES = ("insightface", "magface", "magface_plus")
 
 
 class UnknownTemplateError(KeyError):
@@ -42,8 +43,11 @@ def _groups(*keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.cumsum(change) - 1, np.flatnonzero(change)
 
 
-def _normalise(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), np.finfo(x.dtype).tiny)
+def _normalise_(x: np.ndarray) -> np.ndarray:
+    """Rows of x to unit length, in place (a zero row stays zero)."""
+    norms = np.sqrt(np.einsum("ij,ij->i", x, x))
+    x /= np.maximum(norms, np.finfo(x.dtype).tiny)[:, None]
+    return x
 
 
 def aggregate_templates(
@@ -51,24 +55,25 @@ def aggregate_templates(
     magnitudes=None,
     template_ids=None,
     media_ids=None,
-    mode: str = "plain",
+    mode: str = "magface_plus",
     weights=None,
     chunk_rows: int = 65536,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Template features for IJB 1:1 verification: (template_ids_sorted, template_features).
 
-    features: (n_images, d) image features, unit (then pass `magnitudes`) or raw (magnitudes = their norms).
-    template_ids, media_ids: (n_images,) integers from `<name>_face_tid_mid.txt`.
-    mode:
-      - "plain": insightface's rule: unit image features -> media mean -> normalise -> template mean.
-      - "magface": MagFace's `eval_ijb.py` without its quality flag: raw features -> media mean -> normalise ->
-        template mean (magnitudes weight images inside a media only).
-      - "magface_plus": the paper's MagFace+: raw features (unit * magnitude) -> media mean -> template mean,
-        never normalised in between, so every image counts by its magnitude.
-    weights: optional (n_images,) factors on the image features before averaging (insightface's faceness
-      weighting, `use_detector_score`).
-    Returns template ids ascending (np.unique order, as insightface) and float32 unit rows, one per template:
-    a dot product of two rows is the cosine score. Feed both to `score_pairs`.
+    features: (n_images, d). With `magnitudes` each row is scaled to that length (unit features times their
+    magnitude = the raw network output); without, rows are used as given. template_ids, media_ids: (n_images,)
+    integers from `<name>_face_tid_mid.txt`. weights: optional (n_images,) factors on the image rows
+    (insightface's detector score).
+    mode (docs/conventions.md):
+      - "insightface": arcface_torch's `eval_ijbc.py`: media = mean of its image rows (not normalised),
+        template = SUM of its media, normalised at the end. Which rows go in (F1 or F1+F2, with or without
+        their norm, times the faceness) is the caller's choice: `magface.evaluation.ijb.ijb_verification`.
+      - "magface": MagFace's `eval_ijb.py` with `qlt=0`: media mean -> normalise -> template mean.
+      - "magface_plus": `qlt=1` (MagFace+): media mean -> template mean, never normalised in between.
+    Returns template ids ascending (np.unique order, as both scripts) and unit rows, one per template (float64
+    for "insightface", whose script scores in float64; float32 for the MagFace rules, whose script uses
+    float32 torch tensors): a dot product of two rows is the cosine score. Feed both to `score_pairs`.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -99,27 +104,30 @@ def aggregate_templates(
     for a in range(0, n, chunk_rows):  # contiguous slices of the input: no gather, no sort of the features
         b = min(a + chunk_rows, n)
         x = np.asarray(f[a:b], dtype=np.float32)
-        scale = None  # per-row factor: to unit length (plain), to the given magnitude, times the weight
-        if mode == "plain" or mags is not None:
+        scale = None  # per-row factor: to the given magnitude, times the weight
+        if mags is not None:
             norms = np.sqrt(np.einsum("ij,ij->i", x, x, dtype=np.float64))
-            scale = 1.0 / np.maximum(norms, np.finfo(np.float64).tiny)
-            if mode != "plain":
-                scale *= mags[a:b]
+            scale = mags[a:b] / np.maximum(norms, np.finfo(np.float64).tiny)
         if w is not None:
             scale = w[a:b] if scale is None else scale * w[a:b]
         if scale is not None:
             x = np.multiply(x, scale[:, None].astype(np.float32), out=buf[: b - a])
         media_sum.index_add_(0, index[a:b], torch.from_numpy(np.ascontiguousarray(x)))
-    media_feats = media_sum.numpy().astype(np.float64)
+    media_feats = media_sum.numpy().astype(np.float64)  # the one float64 copy; the rest is in place
+    del media_sum
     media_feats /= media_count[:, None]
-    if mode != "magface_plus":
-        media_feats = _normalise(media_feats)
+    if mode == "magface":
+        _normalise_(media_feats)
     media_tid = st[media_starts]
     template_of_media, tstarts = _groups(media_tid)
     template_feats = torch.zeros((tstarts.size, f.shape[1]), dtype=torch.float64)
-    template_feats = template_feats.index_add_(0, torch.from_numpy(template_of_media), torch.from_numpy(media_feats)).numpy()
-    template_feats /= np.diff(np.r_[tstarts, media_tid.size])[:, None]
-    return media_tid[tstarts], _normalise(template_feats).astype(np.float32)
+    template_feats = template_feats.index_add_(0, torch.from_numpy(template_of_media),
+                                               torch.from_numpy(media_feats)).numpy()
+    del media_feats
+    if mode != "insightface":  # a mean of media; a sum (insightface) differs by a factor normalising removes
+        template_feats /= np.diff(np.r_[tstarts, media_tid.size])[:, None]
+    _normalise_(template_feats)
+    return media_tid[tstarts], (template_feats if mode == "insightface" else template_feats.astype(np.float32))
 
 
 def template_rows(index_of_tid, tids, column: str = "p1") -> np.ndarray:
@@ -141,6 +149,17 @@ def template_rows(index_of_tid, tids, column: str = "p1") -> np.ndarray:
         if tids.size:
             raise UnknownTemplateError(0, int(tids[0]), column)
         return np.zeros(0, dtype=np.int64)
+    lo, hi = int(keys[0]), int(keys[-1])
+    if lo >= 0 and hi < max(1 << 22, 8 * keys.size):
+        # a dense id -> row table (IJB ids are small integers): one gather, ~2x faster than searchsorted
+        table = np.full(hi + 2, -1, dtype=np.int64)  # the last slot catches every id outside [0, hi]
+        table[keys] = np.arange(keys.size) if vals is None else vals
+        rows = table[np.where((tids >= 0) & (tids <= hi), tids, hi + 1)]
+        missing = rows < 0
+        if missing.any():
+            i = int(np.flatnonzero(missing)[0])
+            raise UnknownTemplateError(i, int(tids[i]), column)
+        return rows
     pos = np.minimum(np.searchsorted(keys, tids), keys.size - 1)
     missing = keys[pos] != tids
     if missing.any():
@@ -151,8 +170,8 @@ def template_rows(index_of_tid, tids, column: str = "p1") -> np.ndarray:
 
 def _dot_rows(t: np.ndarray, ra: np.ndarray, rb: np.ndarray, chunk: int) -> np.ndarray:
     """Row-wise dot products t[ra[i]] . t[rb[i]], gathering through two reusable (chunk, d) buffers."""
-    out = np.empty(ra.size, dtype=np.float32)
-    buf1 = np.empty((min(chunk, ra.size), t.shape[1]), dtype=np.float32)
+    out = np.empty(ra.size, dtype=t.dtype)
+    buf1 = np.empty((min(chunk, ra.size), t.shape[1]), dtype=t.dtype)
     buf2 = np.empty_like(buf1)
     for s in range(0, ra.size, chunk):
         e = min(s + chunk, ra.size)
@@ -170,7 +189,8 @@ _PAIR_COST_IN_ENTRIES = 64
 
 
 def score_pairs(template_feats, index_of_tid, p1, p2=None, chunk: int = 8192, block: int = 1024) -> np.ndarray:
-    """Cosine score of every pair (p1[i], p2[i]) of template ids, as float32 (n_pairs,).
+    """Cosine score of every pair (p1[i], p2[i]) of template ids, (n_pairs,) in the templates' precision
+    (float64 rows give float64 scores, as insightface's script; anything else float32).
 
     template_feats: unit rows from `aggregate_templates`; index_of_tid: its ascending template ids (or a
     {template_id: row} mapping). p2=None: p1 is an (n_pairs, 2) array of (tid1, tid2). A template id with no
@@ -189,7 +209,8 @@ def score_pairs(template_feats, index_of_tid, p1, p2=None, chunk: int = 8192, bl
         if pairs.ndim != 2 or pairs.shape[1] != 2:
             raise ValueError(f"score_pairs: without p2, p1 must be an (n_pairs, 2) array, got shape {pairs.shape}")
         p1, p2 = pairs[:, 0], pairs[:, 1]
-    t = np.asarray(template_feats, dtype=np.float32)
+    t = np.asarray(template_feats)
+    t = t.astype(np.float64 if t.dtype == np.float64 else np.float32, copy=False)
     if t.ndim != 2:
         raise ValueError(f"score_pairs: template_feats must be (n_templates, d), got shape {t.shape} "
                          "(arguments are template_feats, index_of_tid, p1, p2)")
@@ -202,7 +223,7 @@ def score_pairs(template_feats, index_of_tid, p1, p2=None, chunk: int = 8192, bl
     del r1, r2
     n_stripes = -(-t.shape[0] // block)
     key = (lo // block).astype(np.uint16 if n_stripes <= 1 << 16 else np.int64)
-    out = np.empty(lo.size, dtype=np.float32)
+    out = np.empty(lo.size, dtype=t.dtype)
     for k in range(n_stripes):
         idx = np.flatnonzero(key == k)  # one cheap pass per stripe beats sorting 15M pair indices
         if idx.size == 0:

@@ -3,6 +3,7 @@
 Per-step rather than per-epoch, so a resumed run lands on exactly the same lr and warmup is smooth:
 - "step": the MagFace paper's recipe, x gamma at each milestone epoch (10/18/22 over 25 epochs);
 - "poly": insightface arcface_torch's, linear warmup then (1 - progress)^power down to 0.
+Also what a step and an epoch are when the number of workers changes (`batch_split`, `epoch_steps`).
 """
 
 from __future__ import annotations
@@ -38,3 +39,20 @@ def build_scheduler(optimizer, optim_cfg, *, steps_per_epoch: int, epochs: int):
                          warmup_epochs=optim_cfg.warmup_epochs, power=optim_cfg.power)
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def batch_split(global_batch: int, world_size: int) -> list[int]:
+    """Every rank's batch under the batch policy: the global batch is fixed whatever the number of workers,
+    and split so that sizes differ by at most one (the first global_batch % W ranks take one more)."""
+    if not 0 < world_size <= global_batch:
+        raise ValueError(f"a global batch of {global_batch} cannot be split across {world_size} workers")
+    base, extra = divmod(global_batch, world_size)
+    return [base + (1 if r < extra else 0) for r in range(world_size)]
+
+
+def epoch_steps(num_images: int, global_batch: int, min_workers: int, max_workers: int) -> int:
+    """Optimizer steps per epoch, the same for every worker count in [min_workers, max_workers], so the step
+    counter and the lr schedule mean the same thing after a resize. Ray Data's split gives each of W workers
+    floor(N / W) rows, and the largest per-worker batch is ceil(G / W); the epoch is as many steps as the
+    tightest worker count allows (with a fixed worker count: floor(floor(N / W) / (G / W)))."""
+    return min((num_images // w) // -(-global_batch // w) for w in range(min_workers, max_workers + 1))

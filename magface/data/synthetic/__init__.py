@@ -7,7 +7,8 @@ on random backgrounds and degraded by q (resolution, blur, contrast, occlusion).
 - `train/train.rec|.idx|property` in insightface's MS1MV2 layout, `train/quality.csv` (key,label,quality);
 - `verify/synth.bin` (insightface `.bin`) and `verify/synth_quality.csv` (index,identity,quality);
 - `ijb/SYNTH/...` in insightface's IJB layout (loose crops + 5 landmarks, templates of several media)
-  and `ijb/SYNTH/meta/synth_quality.csv` (image_name,identity,quality);
+  `ijb/SYNTH/meta/synth_quality.csv` (image_name,identity,quality) and
+  `ijb/SYNTH/meta/synth_template_quality.csv` (template_id,identity,n_images,q_mean,q_min,q_max);
 - `manifest.json` last, so `is_complete` tells a finished dataset from a partial one.
 
 `python -m magface.data.synthetic --out DIR` does the same from the command line.

@@ -63,9 +63,19 @@ class Pose:
         return pts @ m[:, :2].T + m[:, 2]
 
 
-def sample_identity(rng: np.random.Generator) -> Identity:
-    """A random identity: landmarks within a few pixels of the template, shape and texture parameters."""
-    u = rng.uniform
+def sample_identity(rng: np.random.Generator, spread: float = 1.0) -> Identity:
+    """A random identity: landmarks within a few pixels of the template, shape and texture parameters.
+
+    `spread` scales every uniform draw towards the middle of its range (1: the full ranges; 0.5: half as
+    wide), so identities look more alike and recognition gets harder; the draws themselves are unchanged.
+    """
+    if not 0.0 < spread <= 1.0:
+        raise ValueError(f"identity spread must lie in (0, 1], got {spread}")
+
+    def u(lo, hi, size=None):
+        x = rng.uniform(lo, hi, size)
+        return x if spread == 1.0 else (lo + hi) / 2 + spread * (x - (lo + hi) / 2)
+
     t = ARCFACE_TEMPLATE_112
     # eyes move together (vertical, spacing) plus a little asymmetry; mouth corners likewise
     eye_dy, eye_spread = u(-2.5, 2.5), u(-2.5, 2.5)
@@ -88,7 +98,7 @@ def sample_identity(rng: np.random.Generator) -> Identity:
     g = _gauss_matrix(_TEX, 0.8)
     tex = g @ rng.standard_normal((_TEX, _TEX)) @ g.T
     up = _bilinear_matrix(int(CANON), _TEX)
-    tex = up @ (tex / (tex.std() + 1e-8) * 0.10) @ up.T
+    tex = up @ (tex / (tex.std() + 1e-8) * (0.10 * spread)) @ up.T
     gy, gx = np.mgrid[0:int(CANON), 0:int(CANON)].astype(np.float64)
     shading = 1.0 + tex
     for x0, y0, sig, amp in blobs:

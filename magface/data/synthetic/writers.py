@@ -23,7 +23,7 @@ from magface.data.synthetic.render import Identity, loose_pose, render_face, sam
 __all__ = ["GENERATOR_VERSION", "SyntheticDataset", "dataset_params", "generate", "is_complete", "load_manifest"]
 
 # Bump whenever a change alters the bytes written for the same parameters (cached datasets regenerate).
-GENERATOR_VERSION = "magface-synthetic/1"
+GENERATOR_VERSION = "magface-synthetic/2"  # 2: template quality file
 IJB_NAME = "SYNTH"
 JPEG_QUALITY = 95
 # Seed-sequence tags: identities and images of each split draw from their own streams.
@@ -80,6 +80,11 @@ class SyntheticDataset:
         return self.ijb_dir / "meta" / "synth_quality.csv"
 
     @property
+    def ijb_template_quality(self) -> Path:
+        """template_id,identity,n_images,q_mean,q_min,q_max: the known quality of every IJB template."""
+        return self.ijb_dir / "meta" / "synth_template_quality.csv"
+
+    @property
     def manifest(self) -> Path:
         return self.root / "manifest.json"
 
@@ -88,8 +93,8 @@ def _rng(seed: int, stream: str, *ids: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([seed, _STREAMS[stream], *ids]))
 
 
-def _identity(seed: int, split: str, i: int) -> Identity:
-    return sample_identity(_rng(seed, f"{split}-id", i))
+def _identity(seed: int, split: str, i: int, spread: float = 1.0) -> Identity:
+    return sample_identity(_rng(seed, f"{split}-id", i), spread)
 
 
 def _draw_q(rng: np.random.Generator, q_beta: tuple[float, float]) -> float:
@@ -102,8 +107,8 @@ def _aligned_images(task) -> list[tuple[float, bytes]]:
     """(q, JPEG) for images 0..count-1 of one identity, aligned crops of image_size."""
     from magface.data.codec import encode_jpeg
 
-    seed, split, ident, count, size, q_beta = task
-    identity = _identity(seed, split, ident)
+    seed, split, ident, count, size, q_beta, spread = task
+    identity = _identity(seed, split, ident, spread)
     out = []
     for j in range(count):
         rng = _rng(seed, split, ident, j)
@@ -117,8 +122,8 @@ def _ijb_images(task) -> list[tuple[float, bytes, np.ndarray]]:
     """(q, JPEG, landmarks) of one identity's IJB frames: loose crops; frames of a media share its pose."""
     from magface.data.codec import encode_jpeg
 
-    seed, ident, media, frames, q_beta = task
-    identity = _identity(seed, "ijb", ident)
+    seed, ident, media, frames, q_beta, spread = task
+    identity = _identity(seed, "ijb", ident, spread)
     out = []
     for m in range(media):
         mrng = _rng(seed, "ijb-media", ident, m)
@@ -231,6 +236,7 @@ def _write_ijb(ds: SyntheticDataset, per_identity, templates: int, media: int, f
     (set_dir / "meta").mkdir(parents=True, exist_ok=True)
     (set_dir / "loose_crop").mkdir(parents=True, exist_ok=True)
     tid_mid, pts, quality, owner = [], [], [], []
+    template_q: dict[int, list[float]] = {}
     name_no = 0
     for ident, images in enumerate(per_identity):
         for k, (q, jpeg, lmk) in enumerate(images):
@@ -245,6 +251,7 @@ def _write_ijb(ds: SyntheticDataset, per_identity, templates: int, media: int, f
             tid_mid.append(f"{image} {tid} {mid}")
             pts.append(" ".join([image, *(f"{v:.3f}" for v in lmk.reshape(-1)), f"{face:.4f}"]))
             quality.append(f"{image},{ident},{q:.6f}")
+            template_q.setdefault(tid, []).append(q)
         owner.extend([ident] * templates)
     n_t = len(owner)
     pair_lines = [f"{a + 1} {b + 1} {int(owner[a] == owner[b])}" for a in range(n_t) for b in range(a + 1, n_t)]
@@ -253,7 +260,17 @@ def _write_ijb(ds: SyntheticDataset, per_identity, templates: int, media: int, f
     _atomic_text(meta / "synth_name_5pts_score.txt", "\n".join(pts) + "\n")
     _atomic_text(meta / "synth_template_pair_label.txt", "\n".join(pair_lines) + "\n")
     _atomic_text(ds.ijb_quality, "image_name,identity,quality\n" + "\n".join(quality) + "\n")
+    t_rows = [f"{tid},{owner[tid - 1]},{len(qs)},{np.mean(qs):.6f},{min(qs):.6f},{max(qs):.6f}"
+              for tid, qs in sorted(template_q.items())]
+    _atomic_text(ds.ijb_template_quality,
+                 "template_id,identity,n_images,q_mean,q_min,q_max\n" + "\n".join(t_rows) + "\n")
     return name_no
+
+
+def _impostor_pairs(n_ids: int, templates_per_id: int) -> int:
+    """Impostor pairs of the all-pairs IJB protocol: template pairs of different identities."""
+    n_t = n_ids * templates_per_id
+    return n_t * (n_t - 1) // 2 - n_ids * templates_per_id * (templates_per_id - 1) // 2
 
 
 def _atomic_bytes(path: Path, data: bytes) -> None:
@@ -264,8 +281,11 @@ def _atomic_bytes(path: Path, data: bytes) -> None:
 
 
 # ---------------------------------------------------------------------------------------- entry points
-DEFAULTS = dict(num_train_ids=300, images_per_id=24, num_eval_ids=60, eval_images_per_id=12, image_size=112,
-                bin_pairs=600, seed=0, ijb_templates_per_id=3, ijb_media_per_template=2, q_beta=(1.0, 1.0))
+# Evaluation defaults: 6,000 .bin pairs (3,000 genuine, as LFW's protocol) and 150 x 3 = 450 IJB templates,
+# whose all-pairs protocol holds 100,575 impostor pairs (TAR is measurable at FAR 1e-4).
+DEFAULTS = dict(num_train_ids=300, images_per_id=24, num_eval_ids=150, eval_images_per_id=12, image_size=112,
+                bin_pairs=6000, seed=0, ijb_templates_per_id=3, ijb_media_per_template=2, q_beta=(1.0, 1.0),
+                eval_q_beta=None, eval_identity_spread=1.0)
 
 
 def dataset_params(**kw) -> dict:
@@ -275,6 +295,9 @@ def dataset_params(**kw) -> dict:
         raise TypeError(f"unknown synthetic dataset parameter(s): {sorted(unknown)}")
     params = {**DEFAULTS, **kw}
     params["q_beta"] = [float(v) for v in params["q_beta"]]
+    # None: the evaluation images draw q like the training images
+    params["eval_q_beta"] = [float(v) for v in (params["eval_q_beta"] or params["q_beta"])]
+    params["eval_identity_spread"] = float(params["eval_identity_spread"])
     return params
 
 
@@ -300,20 +323,23 @@ def is_complete(out_dir, params: dict | None = None) -> bool:
                for rel, size in manifest.get("files", {}).items())
 
 
-def generate(out_dir, *, num_train_ids: int = 300, images_per_id: int = 24, num_eval_ids: int = 60,
-             eval_images_per_id: int = 12, image_size: int = 112, bin_pairs: int = 600, seed: int = 0,
+def generate(out_dir, *, num_train_ids: int = 300, images_per_id: int = 24, num_eval_ids: int = 150,
+             eval_images_per_id: int = 12, image_size: int = 112, bin_pairs: int = 6000, seed: int = 0,
              ijb_templates_per_id: int = 3, ijb_media_per_template: int = 2,
-             q_beta: tuple[float, float] = (1.0, 1.0), workers: int | None = None) -> SyntheticDataset:
+             q_beta: tuple[float, float] = (1.0, 1.0), eval_q_beta: tuple[float, float] | None = None,
+             eval_identity_spread: float = 1.0, workers: int | None = None) -> SyntheticDataset:
     """Generate (or reuse) a synthetic dataset under `out_dir`; see the package docstring for the files.
 
     Verification and IJB identities are `num_eval_ids` each, disjoint from training and from each other.
     IJB identities have `ijb_templates_per_id` templates of `ijb_media_per_template` media, each media
-    `eval_images_per_id // (templates * media)` frames. q ~ Beta(*q_beta) per image (uniform by default).
+    `eval_images_per_id // (templates * media)` frames. q ~ Beta(*q_beta) per training image (uniform by
+    default) and ~ Beta(*eval_q_beta) per evaluation image (None: q_beta). `eval_identity_spread` < 1 draws
+    the evaluation identities from narrower shape/texture ranges (look-alikes: a harder benchmark).
     """
     params = dataset_params(num_train_ids=num_train_ids, images_per_id=images_per_id, num_eval_ids=num_eval_ids,
                      eval_images_per_id=eval_images_per_id, image_size=image_size, bin_pairs=bin_pairs, seed=seed,
                      ijb_templates_per_id=ijb_templates_per_id, ijb_media_per_template=ijb_media_per_template,
-                     q_beta=q_beta)
+                     q_beta=q_beta, eval_q_beta=eval_q_beta, eval_identity_spread=eval_identity_spread)
     root = Path(out_dir)
     ds = SyntheticDataset(root=root, num_classes=num_train_ids)
     if is_complete(root, params):
@@ -324,6 +350,8 @@ def generate(out_dir, *, num_train_ids: int = 300, images_per_id: int = 24, num_
                          f"ijb_media_per_template = {ijb_templates_per_id * ijb_media_per_template}")
     if bin_pairs < 2 or bin_pairs % 2:
         raise ValueError(f"bin_pairs must be an even number >= 2, got {bin_pairs}")
+    if not 0.0 < params["eval_identity_spread"] <= 1.0:
+        raise ValueError(f"eval_identity_spread must lie in (0, 1], got {eval_identity_spread}")
     if workers is None:
         workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     ds.manifest.unlink(missing_ok=True)  # from here on the directory is not a finished dataset
@@ -331,16 +359,17 @@ def generate(out_dir, *, num_train_ids: int = 300, images_per_id: int = 24, num_
         shutil.rmtree(stale, ignore_errors=True)
     ds.train_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    qb = tuple(params["q_beta"])
+    qb, eqb = tuple(params["q_beta"]), tuple(params["eval_q_beta"])
+    spread = params["eval_identity_spread"]
     with _Runner(workers) as run:
-        train = run.map(_aligned_images, [(seed, "train", i, images_per_id, image_size, qb)
+        train = run.map(_aligned_images, [(seed, "train", i, images_per_id, image_size, qb, 1.0)
                                           for i in range(num_train_ids)])
         n_train = _write_train(ds, train, image_size)
         del train
-        pool = run.map(_aligned_images, [(seed, "verify", i, eval_images_per_id, image_size, qb)
+        pool = run.map(_aligned_images, [(seed, "verify", i, eval_images_per_id, image_size, eqb, spread)
                                          for i in range(num_eval_ids)])
         _write_verify(ds, pool, bin_pairs // 2 * 2, seed)
-        ijb = run.map(_ijb_images, [(seed, i, ijb_templates_per_id * ijb_media_per_template, frames, qb)
+        ijb = run.map(_ijb_images, [(seed, i, ijb_templates_per_id * ijb_media_per_template, frames, eqb, spread)
                                     for i in range(num_eval_ids)])
         n_ijb = _write_ijb(ds, ijb, ijb_templates_per_id, ijb_media_per_template, frames, seed)
     files = {}
@@ -352,7 +381,8 @@ def generate(out_dir, *, num_train_ids: int = 300, images_per_id: int = 24, num_
         "params": params,
         "counts": {"train_identities": num_train_ids, "train_images": n_train, "verify_pairs": bin_pairs,
                    "verify_images": 2 * bin_pairs, "ijb_identities": num_eval_ids, "ijb_images": n_ijb,
-                   "ijb_templates": num_eval_ids * ijb_templates_per_id},
+                   "ijb_templates": num_eval_ids * ijb_templates_per_id,
+                   "ijb_impostor_pairs": _impostor_pairs(num_eval_ids, ijb_templates_per_id)},
         "paths": {k: str(getattr(ds, k).relative_to(root)) for k in
                   ("train_rec", "train_idx", "train_property", "train_quality", "verify_bin", "verify_quality",
                    "ijb_dir", "ijb_quality")},
