@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# Tests start their own Ray (and their own clusters, by address): never join one a CI machine happens to run.
+os.environ.pop("RAY_ADDRESS", None)
 # Keep Ray quiet and small on a 2-core CI machine.
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
