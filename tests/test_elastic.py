@@ -201,6 +201,14 @@ def _worker(rank, world, port, ckpt, mode, out):
         losses.append(_step(rank, world, s, model, clf, opt, sched))
     if rank == 0:
         torch.save(losses, out)
+    _teardown(world)
+
+
+def _teardown(world):
+    """Leave the group together: a rank exiting while gloo still talks to the other aborts (SIGABRT)."""
+    if world > 1:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 def _run(world, ckpt, mode, tmp_path):
@@ -238,6 +246,7 @@ def _overflow_worker(rank, world, port, out):
         _agree_on_overflow(g)
         grads.append(g)
     torch.save(grads, f"{out}_{rank}.pt")
+    _teardown(world)
 
 
 def test_fp16_overflow_in_one_shard_makes_every_rank_skip(tmp_path):
