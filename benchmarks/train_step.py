@@ -23,6 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 
 from magface.config import Config  # noqa: E402
+from magface.console import quiet_ray  # noqa: E402
 from magface.train.trainer import connect, run  # noqa: E402
 
 # Published training throughput of an iResNet100 at 112x112, for comparison (images/s per GPU).
@@ -57,7 +58,15 @@ def measure(args, workers: int, storage: str) -> float:
 
     n = workers * args.batch_size * (args.steps + 1)
     ds = ray.data.range(n).map_batches(RandomImages(args.image_size, args.num_classes), batch_size=256)
-    cfg = Config.from_dict({
+    cfg = Config.from_dict(job_config(args, workers, n, storage))
+    result = run(cfg, ds)
+    if result.error is not None:
+        raise RuntimeError(result.error)
+    return float(result.metrics["samples_per_s"])
+
+
+def job_config(args, workers: int, n: int, storage: str) -> dict:
+    return {
         "data": {"num_classes": args.num_classes, "image_size": args.image_size, "shuffle": "none",
                  "num_images": n},
         "model": {"backbone": args.backbone, "embedding_size": args.embedding_size},
@@ -66,11 +75,62 @@ def measure(args, workers: int, storage: str) -> float:
                   "channels_last": args.channels_last, "compile": args.compile},
         "scaling": {"num_workers": workers, "use_gpu": args.gpu, "cpus_per_worker": args.cpus_per_worker},
         "tracking": {"enabled": False, "log_every": 10},
-    })
-    result = run(cfg, ds)
-    if result.error is not None:
-        raise RuntimeError(result.error)
-    return float(result.metrics["samples_per_s"])
+    }
+
+
+def bare_rate(args, cfg_dict: dict) -> float:
+    """Reference measured in the same run: the job's backbone, head, optimizer, precision and gradient clip in
+    one process on one device, with one batch already on the device (no Ray, no data path, no DDP). The job's
+    per-worker rate over this is what Ray Train, Ray Data and the loop's bookkeeping leave of the compute."""
+    import torch
+
+    from magface.models import get_backbone
+    from magface.sharded_fc import ShardedClassifier
+
+    cfg = Config.from_dict(cfg_dict)
+    device = torch.device("cuda" if args.gpu else "cpu")
+    torch.manual_seed(0)
+    if not args.gpu:  # as many threads as a job worker gets (Ray sets OMP_NUM_THREADS to its CPUs)
+        torch.set_num_threads(max(1, int(args.cpus_per_worker)))
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    backbone = get_backbone(args.backbone, embedding_size=args.embedding_size, input_size=args.image_size)
+    backbone.to(device).to(memory_format=fmt)
+    model = torch.compile(backbone) if args.compile else backbone
+    classifier = ShardedClassifier(args.embedding_size, args.num_classes, cfg.loss).to(device)
+    optimizer = torch.optim.SGD([{"params": backbone.parameters()}, {"params": classifier.parameters()}],
+                                lr=0.01, momentum=0.9, weight_decay=5e-4)
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
+    scaler = torch.amp.GradScaler(device.type) if args.amp == "fp16" else None
+    images = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device) \
+        .contiguous(memory_format=fmt)
+    labels = torch.randint(0, args.num_classes, (args.batch_size,), device=device)
+
+    def step():
+        with torch.autocast(device_type=device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            features = model(images)
+        loss, _ = classifier(features.float(), labels)
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+        else:
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(backbone.parameters(), cfg.optim.grad_clip)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+
+    sync = torch.cuda.synchronize if args.gpu else (lambda: None)
+    for _ in range(3):  # warm-up: cuDNN autotuning, allocator, compilation
+        step()
+    sync()
+    t = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    sync()
+    return args.steps * args.batch_size / (time.perf_counter() - t)
 
 
 def main():
@@ -106,10 +166,12 @@ def main():
     args.workers = args.workers or "1,2"
     args.cpus_per_worker = args.cpus_per_worker or 1.0
     counts = [int(w) for w in args.workers.split(",")]
+    quiet_ray()
     connect(Config.from_dict({"data": {"num_classes": 2},
                               "scaling": {"num_workers": max(counts), "cpus_per_worker": args.cpus_per_worker}}))
     with tempfile.TemporaryDirectory(prefix="magface_bench_") as storage:
         results = {w: measure(args, w, storage) for w in counts}
+        bare = bare_rate(args, job_config(args, 1, args.batch_size, storage))
     base = results[counts[0]] / counts[0]
     unit = "GPU" if args.gpu else "worker"
     print(f"\n{args.backbone} {args.image_size}x{args.image_size}, batch {args.batch_size}/{unit}, amp {args.amp}, "
@@ -117,12 +179,14 @@ def main():
     print(f"{'workers':>8} {'samples/s':>12} {'per ' + unit:>12} {'scaling':>8}")
     for w, sps in results.items():
         print(f"{w:>8} {sps:>12.1f} {sps / w:>12.1f} {sps / w / base:>7.2f}x")
+    print(f"reference, same run: the same step in one bare process (no Ray, batch on the device) {bare:.1f} "
+          f"samples/s; the job's 1-worker rate is {results.get(1, float('nan')) / bare:.2f}x of it")
     if args.gpu:
         print("published, per GPU (other GPUs and stacks: a reference point, not a like-for-like comparison):")
         for name, value in ANCHORS:
             print(f"  {value:>7.0f}  {name}")
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    record = {"args": vars(args), "device": device, "samples_per_s": results,
+    record = {"args": vars(args), "device": device, "samples_per_s": results, "bare_samples_per_s": bare,
               "samples_per_s_per_worker": {w: s / w for w, s in results.items()},
               "anchors_per_gpu": dict((n, v) for n, v in ANCHORS) if args.gpu else None,
               "cpu_count": os.cpu_count(), "machine": platform.platform(),

@@ -112,6 +112,11 @@ def connect(cfg=None, *, address: str | None = None, num_cpus: int | None = None
         need = math.ceil(workers * s.cpus_per_worker) + DATA_CPUS
     env = {"RAY_AUTH_MODE": "disabled"}
     extra = {}
+    missing = getattr(ray._private.utils, "get_dashboard_dependency_error", lambda: None)() if dashboard else None
+    if missing:  # a minimal `pip install ray`: run without the dashboard rather than not at all
+        print(f"[magface] starting Ray without its dashboard ({missing}); install ray[default] for it (a Tune "
+              "sweep then frees the CPUs of the trials it stops)", flush=True)
+        dashboard = False
     if dashboard:
         # Workers find the state API by scanning for Ray instances, which fails when this machine runs another
         # one (a test session, a second sweep); name this instance's dashboard to them explicitly.

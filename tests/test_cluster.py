@@ -153,3 +153,25 @@ def test_a_dead_cluster_address_fails_in_seconds_with_a_message(tmp_path):
         assert f"no Ray cluster answers at {address}" in out and "ray start --head" in out, out
         assert "Traceback" not in out, out
         assert took < 30, (args[0], took)
+
+
+def test_a_minimal_ray_without_mlflow_still_trains_and_says_so(tmp_path):
+    """A GPU node's image often has plain `pip install ray` (no dashboard packages) and no MLflow: the training
+    benchmark (the real TorchTrainer job, tracking off) must run there. Both are made unimportable for the
+    subprocess and its Ray workers by shadowing packages on PYTHONPATH."""
+    shim = tmp_path / "shim"
+    for name in ("mlflow", "aiohttp_cors"):
+        (shim / name).mkdir(parents=True)
+        (shim / name / "__init__.py").write_text(  # what Python raises for a package that is not installed
+            f"raise ModuleNotFoundError(\"No module named '{name}' (hidden by the test)\", name='{name}')\n")
+    out_json = tmp_path / "train_step.json"
+    p, _ = _pipeline(["benchmarks/train_step.py", "--workers", "1", "--steps", "2", "--out", str(out_json)],
+                     timeout=300, RAY_ADDRESS="", PYTHONPATH=f"{shim}{os.pathsep}{REPO}")
+    out = p.stdout + p.stderr
+    assert p.returncode == 0, out[-4000:]
+    assert "starting Ray without its dashboard (" in out and "'aiohttp_cors' (hidden by the test)" in out, out[-4000:]
+    import json
+
+    record = json.loads(out_json.read_text())
+    assert record["samples_per_s"]["1"] > 0 and record["bare_samples_per_s"] > 0, record
+    assert "the job's 1-worker rate is" in out

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 from magface.config import Config
@@ -148,11 +148,11 @@ def run(cfg: Config, dataset=None, *, keys_log_dir: str | None = None, parent_ru
     num_images = cfg.data.num_images or dataset.count()
     spe = steps_per_epoch(cfg, num_images)
 
-    uri = tracking_uri(cfg)
+    uri = tracking_uri(cfg) if cfg.tracking.enabled else ""  # tracking off: MLflow need not be installed
     run_dir = storage.join(storage_path(cfg), cfg.train.name)
     earlier = resume.read_run_record(run_dir)  # a re-run continues the job's MLflow run
     reopen = earlier["run_id"] if earlier and earlier.get("tracking_uri") == uri else None
-    with _bound_tracking_uri(uri):  # the tracker's client binds to the URI at creation
+    with _bound_tracking_uri(uri) if uri else nullcontext():  # the tracker's client binds to it at creation
         tracker = Tracker.start(run_name or cfg.train.name, experiment=cfg.tracking.experiment, run_id=reopen,
                                 params=None if reopen else cfg.to_dict(), parent_run_id=parent_run_id,
                                 enabled=cfg.tracking.enabled,
