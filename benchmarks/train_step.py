@@ -6,8 +6,9 @@
 
 Samples/s are counted by rank 0 from the end of the first step (warm-up excluded) to the end of the epoch,
 over all workers, and printed per worker (per GPU). Images are random uint8 made by Ray Data tasks, so the
-figure is the training step plus the ingest hand-off, not JPEG decoding. Results go to
-benchmarks/results/train_step.json.
+figure is the training step plus the ingest hand-off, not JPEG decoding. The reference, measured in the same
+run: the same step in one bare process with the batch already on the device (no Ray, no data path); the job's
+one-worker rate is printed as a ratio of it. Results go to benchmarks/results/train_step.json.
 """
 
 import argparse

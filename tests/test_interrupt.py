@@ -180,3 +180,33 @@ def test_resume_takes_the_newest_complete_checkpoint_in_storage_over_an_older_on
     later = ray.train.Checkpoint(str(tmp_path / "checkpoint_epoch012_step00000072"))
     assert pick(later, newest) is later  # a retry inside the same run: Ray's own newer checkpoint
     assert pick(None, None) is None and pick(from_ray, None) is from_ray
+
+
+def test_the_stop_flag_lives_on_the_driver_node_and_its_loss_does_not_stop_training(ray_session, capsys):
+    """The flag is placed on the driver's node (a lost spot node must not take it along); if it is lost all the
+    same, polling it reports that once and training goes on instead of failing every restart (seen on the
+    2-node test cluster: the flag sat on the killed node, and the survivor's poll raised ActorDiedError)."""
+    import ray
+
+    from magface.train.interrupt import StopPoller, create_stop_flag
+
+    flag = create_stop_flag()
+    assert ray.get(flag.node_id.remote()) == ray.get_runtime_context().get_node_id()
+
+    poller = StopPoller(flag, world_size=1, interval_s=0)
+    flag.set.remote("SIGINT")
+    deadline = time.monotonic() + 30
+    while not poller.requested(0):
+        assert time.monotonic() < deadline, "the stop request never reached the poller"
+        time.sleep(0.05)
+
+    lost = StopPoller(create_stop_flag(), world_size=1, interval_s=0)
+    assert lost.requested(0) is False  # a poll is in flight
+    ray.kill(lost.flag)
+    deadline = time.monotonic() + 30
+    while lost.flag is not None:
+        assert lost.requested(0) is False
+        assert time.monotonic() < deadline, "the lost flag was never noticed"
+        time.sleep(0.05)
+    assert all(lost.requested(s) is False for s in range(5))
+    assert capsys.readouterr().out.count("the stop flag is unreachable (") == 1

@@ -48,12 +48,20 @@ def _stop_flag_class():
         def get(self) -> str | None:
             return self.reason
 
+        def node_id(self) -> str:
+            return ray.get_runtime_context().get_node_id()
+
     return StopFlag
 
 
 def create_stop_flag():
-    """A StopFlag actor owned by this driver (it dies with the driver)."""
-    return _stop_flag_class().remote()
+    """A StopFlag actor owned by this driver (it dies with the driver), placed on the driver's node: anywhere
+    else, losing that node (a spot worker) would take the flag with it under the surviving workers."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    return _stop_flag_class().options(scheduling_strategy=here).remote()
 
 
 class StopPoller:
@@ -67,6 +75,7 @@ class StopPoller:
         self.agree_every = max(1, int(agree_every))
         self._pending, self._next_poll, self._local = None, 0.0, False
         self.stopped = False
+        self.enabled = flag is not None
 
     def _poll(self) -> None:
         import ray
@@ -74,17 +83,25 @@ class StopPoller:
         if self._pending is not None:
             ready, _ = ray.wait([self._pending], timeout=0)
             if ready:
-                self._local = self._local or bool(ray.get(self._pending))
+                try:
+                    self._local = self._local or bool(ray.get(self._pending))
+                except ray.exceptions.RayError as e:  # the flag is gone (its node or the driver died):
+                    # keep training; a stop then comes from the driver's hard stop or the job's end
+                    print(f"[magface] the stop flag is unreachable ({type(e).__name__}); training goes on "
+                          "without a graceful-stop signal", flush=True)
+                    self.flag = None
                 self._pending = None
+                if self.flag is None:
+                    return
         now = time.monotonic()
         if self._pending is None and now >= self._next_poll:
             self._pending, self._next_poll = self.flag.get.remote(), now + self.interval_s
 
     def requested(self, step: int) -> bool:
-        if self.flag is None:
+        if not self.enabled:
             return False
-        if not self._local:
-            self._poll()
+        if self.flag is not None and not self._local:  # a lost flag still takes part in the all-reduce below,
+            self._poll()  # so that every rank runs the same collectives
         stop = self._local
         if self.world_size > 1:
             if step % self.agree_every:
