@@ -87,6 +87,7 @@ def bare_rate(args, cfg_dict: dict) -> float:
 
     from magface.models import get_backbone
     from magface.sharded_fc import ShardedClassifier
+    from magface.train.loop import apply_gradients
 
     cfg = Config.from_dict(cfg_dict)
     device = torch.device("cuda" if args.gpu else "cpu")
@@ -111,17 +112,7 @@ def bare_rate(args, cfg_dict: dict) -> float:
             features = model(images)
         loss, _ = classifier(features.float(), labels)
         optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-        else:
-            loss.backward()
-        torch.nn.utils.clip_grad_norm_(backbone.parameters(), cfg.optim.grad_clip)
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
+        apply_gradients(loss, optimizer, scaler, backbone.parameters(), cfg.optim.grad_clip)
 
     sync = torch.cuda.synchronize if args.gpu else (lambda: None)
     for _ in range(3):  # warm-up: cuDNN autotuning, allocator, compilation

@@ -212,3 +212,29 @@ def test_epochs_reshuffle_and_split_without_loss_or_repeat(ray_session, tmp_path
         assert set(seen.tolist()) <= set(range(n))
         orders.append(per_rank)
     assert any(not np.array_equal(a, b) for a, b in zip(*orders))  # reshuffled between epochs
+
+
+def test_apply_gradients_unscales_before_clipping_and_calls_the_hook_between():
+    """The loop's optimizer step with a GradScaler against the same sequence written out by hand (PyTorch's
+    documented AMP recipe): equal parameters afterwards; the hook sees the scaled gradient."""
+    from magface.train.loop import apply_gradients
+
+    def setup():
+        torch.manual_seed(0)
+        net = torch.nn.Linear(4, 3)
+        return net, torch.optim.SGD(net.parameters(), lr=0.5), torch.amp.GradScaler("cpu", init_scale=1024.0)
+
+    x = torch.randn(8, 4)
+    net, opt, scaler = setup()
+    seen = []
+    apply_gradients(net(x).pow(2).sum(), opt, scaler, net.parameters(), 0.1,
+                    lambda: seen.append(net.weight.grad.abs().max().item()))
+    ref, ref_opt, ref_scaler = setup()
+    ref_scaler.scale(ref(x).pow(2).sum()).backward()
+    scaled = ref.weight.grad.abs().max().item()
+    ref_scaler.unscale_(ref_opt)
+    torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.1)
+    ref_scaler.step(ref_opt)
+    ref_scaler.update()
+    assert seen == [scaled] and scaled > 100  # still scaled by 1024 when the hook ran
+    assert torch.equal(net.weight, ref.weight) and torch.equal(net.bias, ref.bias)

@@ -89,10 +89,9 @@ class StopPoller:
                     # keep training; a stop then comes from the driver's hard stop or the job's end
                     print(f"[magface] the stop flag is unreachable ({type(e).__name__}); training goes on "
                           "without a graceful-stop signal", flush=True)
-                    self.flag = None
-                self._pending = None
-                if self.flag is None:
+                    self.flag = self._pending = None
                     return
+                self._pending = None
         now = time.monotonic()
         if self._pending is None and now >= self._next_poll:
             self._pending, self._next_poll = self.flag.get.remote(), now + self.interval_s

@@ -100,6 +100,25 @@ def _agree_on_overflow(shard_grad: torch.Tensor) -> None:
     shard_grad.masked_fill_(bad.bool(), float("inf"))
 
 
+def apply_gradients(loss, optimizer, scaler, clip_params, grad_clip: float, after_scaled_backward=None) -> None:
+    """Backward, optional gradient clipping of `clip_params`, optimizer step; with a GradScaler (fp16) the
+    gradients are unscaled before clipping and `after_scaled_backward` runs between backward and unscaling."""
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        if after_scaled_backward is not None:
+            after_scaled_backward()
+        scaler.unscale_(optimizer)
+    else:
+        loss.backward()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(clip_params, grad_clip)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+
+
 def _histogram_figure(mag: np.ndarray, epoch: int, l_a: float, u_a: float, model: str = ""):
     from magface.evaluation.plots import magnitude_histogram
 
@@ -165,6 +184,7 @@ def train_loop_per_worker(config: dict) -> None:
     scheduler = build_scheduler(optimizer, cfg.optim, steps_per_epoch=spe, epochs=cfg.train.epochs)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.amp)
     scaler = torch.amp.GradScaler(device.type) if cfg.train.amp == "fp16" else None
+    agree_on_overflow = (lambda: _agree_on_overflow(classifier.weight.grad)) if world > 1 else None
     convention = cfg.data.convention
 
     # ---- resume: any worker count can load what any other wrote (magface.train.state)
@@ -264,20 +284,7 @@ def train_loop_per_worker(config: dict) -> None:
                 last_samples.append((features.detach().float(), labels))
             loss, metrics = classifier(features.float(), labels, counts)
             optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                if world > 1:
-                    _agree_on_overflow(classifier.weight.grad)
-                scaler.unscale_(optimizer)
-            else:
-                loss.backward()
-            if cfg.optim.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(backbone.parameters(), cfg.optim.grad_clip)
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
+            apply_gradients(loss, optimizer, scaler, backbone.parameters(), cfg.optim.grad_clip, agree_on_overflow)
             scheduler.step()
             step += 1
             window_samples += global_batch
