@@ -240,6 +240,10 @@ def make_report_callback(heldout_file: str, image_size: int, *, far: float, l_a:
                     self._tracker = Tracker(run_id)
                 self._tracker.log_metrics({k: v for k, v in m.items()
                                            if k.startswith("val_") or k == "collapse_frac"}, step=m.get("step"))
+                # Train never closes a user callback and its controller process may end at any time: wait a
+                # little (the held-out evaluation already paused it) and keep the rest on disk for the driver
+                if not self._tracker.flush(timeout_s=30):
+                    self._tracker.persist()
             super().after_report(run_context, [m, *metrics[1:]], checkpoint)
 
     return HeldOutReportCallback()
@@ -379,7 +383,7 @@ def run_sweep(cfg: Config, settings: SweepSettings, *, name: str | None = None, 
     from ray.tune.schedulers import ASHAScheduler
 
     from magface.data.storage import is_s3, join
-    from magface.tracking import Tracker
+    from magface.tracking import Tracker, collect_spools
     from magface.train.trainer import _bound_tracking_uri, storage_path, tracking_uri
 
     name = name or f"tune_{cfg.train.name}"
@@ -479,6 +483,8 @@ def run_sweep(cfg: Config, settings: SweepSettings, *, name: str | None = None, 
             parent.log_metrics({f"best_{settings.metric}": float(best[settings.metric]),
                                 "trials_finished": float((table["status"] != "ERROR").sum()),
                                 "trials_errored": float((table["status"] == "ERROR").sum())})
+        trial_runs = [r for r in table.get("mlflow_run_id", []) if isinstance(r, str)]
+        collect_spools(trial_runs, tracking_uri=uri)  # what trial workers and controllers left, on any node
         for _, row in table.iterrows():  # trials stopped by ASHA or failed never closed their runs
             if isinstance(row.get("mlflow_run_id"), str) and row["status"] != "done":
                 Tracker(row["mlflow_run_id"]).end("KILLED" if row["status"].startswith("stopped") else "FAILED")

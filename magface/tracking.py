@@ -298,6 +298,7 @@ class Tracker:
 
     def _send_next(self) -> bool:
         """Deliver the spool (oldest data) or the next queued op. Returns whether anything is left."""
+        self._ensure_client()  # MLflow's import and store set-up take seconds: not while holding an op
         if self._spool.exists():
             self._send_spool()
             return True
@@ -363,11 +364,14 @@ class Tracker:
                     if op[0] == "artifact":
                         _unlink_quietly(op[1][0])
 
-    def _deliver(self, op: tuple) -> None:
+    def _ensure_client(self) -> None:
         if self._client is None:
             from mlflow.tracking import MlflowClient
 
             self._client = MlflowClient(self._uri)
+
+    def _deliver(self, op: tuple) -> None:
+        self._ensure_client()
         c, kind, payload = self._client, op[0], op[1]
         if kind == "metrics":
             from mlflow.entities import Metric
@@ -502,6 +506,25 @@ class Tracker:
             self._kick()
         return self._idle.wait(timeout_s)
 
+    def persist(self) -> int:
+        """Make everything logged so far survive this process being killed (a checkpoint calls it): the queue,
+        and a copy of the metrics being sent (MLflow's SQL stores ignore an identical repeat), go to the spool
+        file on local disk (milliseconds). The sender sends it first; if this process dies, the next tracker of
+        this run on this machine or `collect_spools` at the end of the job sends it. Returns the points moved."""
+        if not self.enabled or self._closed:
+            return 0
+        with self._lock:
+            inflight = self._inflight
+            if inflight is not None and inflight[0] == "metrics":
+                self._ops.appendleft(("metrics", list(inflight[1])))
+                self._mem_points += len(inflight[1])
+            moved = self._mem_points
+            if self._ops:
+                self._spill_locked(only_metrics=False)
+        if moved:
+            self._kick()
+        return moved
+
     def close(self, timeout_s: float = 30.0) -> int:
         """Flush with a bounded wait, then stop the sender. Returns the number of metric points left unsent
         (kept in the spool file; the message says where and how they are sent later)."""
@@ -619,7 +642,10 @@ def _alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    try:  # a killed worker not yet reaped by its parent is a zombie: gone for our purpose
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 def _source_type(source: str) -> str:
@@ -639,16 +665,73 @@ def dataset_digest(paths: list[str], max_sized: int = 256) -> str:
     return h.hexdigest()[:16]
 
 
-def flush_spools(timeout_s: float = 60.0) -> int:
-    """Send every spool left on this machine by trackers whose process is gone; returns points still unsent."""
+def _spool_files(run_ids: list[str] | None = None) -> list[Path]:
     d = spool_dir()
-    runs = sorted({f.name.split(".", 1)[0] for f in d.glob("*.jsonl")} | {f.name.split(".", 1)[0]
-                                                                         for f in d.glob("*.sending")}) \
-        if d.is_dir() else []
+    if not d.is_dir():
+        return []
+    files = sorted(d.glob("*.jsonl")) + sorted(d.glob("*.sending"))
+    return [f for f in files if run_ids is None or f.name.split(".", 1)[0] in run_ids]
+
+
+def _owner_alive(f: Path) -> bool:
+    parts = f.name.split(".")
+    host, pid = ".".join(parts[1:-3]), parts[-3] if len(parts) >= 5 else ""
+    # this process's own open trackers send their spools themselves
+    return host == socket.gethostname() and pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid))
+
+
+def flush_spools(run_ids: list[str] | None = None, timeout_s: float = 60.0, wait_s: float = 0.0,
+                 tracking_uri: str | None = None) -> int:
+    """Send every spool left on this machine (for `run_ids`, else all runs) by trackers whose process is gone,
+    first waiting up to `wait_s` for the processes that own one to exit (a job's workers shutting down).
+    Returns the points still unsent."""
+    deadline = time.monotonic() + wait_s
+    while any(_owner_alive(f) for f in _spool_files(run_ids)) and time.monotonic() < deadline:
+        time.sleep(0.5)
     left = 0
-    for run_id in runs:
-        t = Tracker(run_id)
-        left += t.close(timeout_s)
+    for run_id in sorted({f.name.split(".", 1)[0] for f in _spool_files(run_ids)}):
+        left += Tracker(run_id, tracking_uri=tracking_uri).close(timeout_s)
+    return left
+
+
+def collect_spools(run_ids: list[str], timeout_s: float = 60.0, wait_s: float = 15.0,
+                   tracking_uri: str | None = None) -> int:
+    """End of a job: send what its trackers left in spools, on this machine and on every other alive node of
+    the Ray cluster this process is connected to (a tiny task per node; nothing is imported there unless that
+    node holds a spool of these runs). A worker killed mid-run, or closed while MLflow was slow, leaves its
+    points there. Returns the points still unsent (they stay in the spools, see the module's docstring)."""
+    run_ids = [r for r in run_ids if r]
+    if not run_ids:
+        return 0
+    left, pending = 0, []
+    try:
+        import ray
+
+        if ray.is_initialized():
+            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+            here = ray.get_runtime_context().get_node_id()
+            task = ray.remote(num_cpus=0, max_retries=0)(flush_spools)
+            pending = [task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+                       .remote(run_ids, timeout_s, wait_s, tracking_uri)
+                       for n in ray.nodes() if n.get("Alive") and n["NodeID"] != here]
+    except ImportError:
+        pass
+    left += flush_spools(run_ids, timeout_s, wait_s, tracking_uri)
+    if pending:
+        import ray
+
+        ready, not_ready = ray.wait(pending, num_returns=len(pending), timeout=timeout_s + wait_s + 30)
+        for ref in ready:
+            try:
+                left += ray.get(ref)
+            except Exception as e:  # noqa: BLE001 - a node lost meanwhile keeps its spool for later
+                log.warning("could not send the MLflow spools of a node: %s", e)
+        if not_ready:
+            log.warning("%d node(s) did not finish sending their MLflow spools in time; they are sent by "
+                        "`python -m magface.tracking` on that node", len(not_ready))
+            for ref in not_ready:
+                ray.cancel(ref, force=True)
     return left
 
 

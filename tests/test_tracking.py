@@ -155,3 +155,47 @@ def test_frozen_server_never_stalls_the_step_and_close_is_bounded(server):
     again = Tracker.start(run_id=tracker.run_id)
     assert again.end("FINISHED", timeout_s=60)
     assert _steps(server.uri, tracker.run_id, "loss") == list(range(step))
+
+
+_KILLED_CHILD = r"""
+import sys, time
+from magface.tracking import Tracker
+t = Tracker(sys.argv[1])
+for step in range(50):
+    t.log_metrics({"loss": float(step)}, step=step)
+deadline = time.monotonic() + 120
+while t._inflight is None:  # MLflow imported, the batch handed to the frozen server: in flight, not queued
+    assert time.monotonic() < deadline
+    time.sleep(0.05)
+t.persist()  # what a training checkpoint does
+for step in range(50, 60):  # logged after the last checkpoint: dies with the process
+    t.log_metrics({"loss": float(step)}, step=step)
+print("persisted", flush=True)
+time.sleep(600)
+"""
+
+
+def test_points_persisted_at_a_checkpoint_survive_a_killed_process(server):
+    """A training worker killed (SIGKILL) while MLflow could not take its points: what it logged before its
+    last checkpoint, including the batch it was sending, reaches MLflow at the end of the job
+    (collect_spools), even before the dead process is reaped (a zombie, as under a raylet)."""
+    from magface.tracking import collect_spools
+
+    run_id = Tracker.start("killed", experiment="tracking-test").run_id
+    server.signal(signal.SIGSTOP)
+    child = None
+    try:
+        child = subprocess.Popen([sys.executable, "-c", _KILLED_CHILD, run_id], stdout=subprocess.PIPE, text=True)
+        assert child.stdout.readline().strip() == "persisted"
+        os.kill(child.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    finally:
+        server.signal(signal.SIGCONT)
+    assert list(Path(os.environ["MAGFACE_SPOOL"]).glob(f"{run_id}.*.{child.pid}.*"))
+    assert collect_spools([run_id], timeout_s=60, wait_s=5) == 0
+    child.wait(5)
+    assert _steps(server.uri, run_id, "loss") == list(range(50))
+    assert not list(Path(os.environ["MAGFACE_SPOOL"]).glob(f"{run_id}.*.jsonl"))

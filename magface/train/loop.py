@@ -239,6 +239,8 @@ def train_loop_per_worker(config: dict) -> None:
                 np.savez(os.path.join(tmp, LAST_SAMPLES_FILE),
                          features=torch.cat([f for f, _ in last_samples]).cpu().numpy(),
                          labels=torch.cat([y for _, y in last_samples]).cpu().numpy())
+            if tracker:  # metrics logged up to this checkpoint survive a kill as the checkpoint does
+                tracker.persist()
             mark_complete(tmp, rank=rank, world_size=world)  # last: readers trust only manifest-backed folders
             ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                              checkpoint_dir_name=f"checkpoint_epoch{completed:03d}_step{step:08d}")

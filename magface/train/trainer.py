@@ -141,7 +141,7 @@ def build_trainer(cfg: Config, datasets: dict, runtime: Runtime, callbacks=()):
 def run(cfg: Config, dataset=None, *, keys_log_dir: str | None = None, parent_run_id: str | None = None,
         run_name: str | None = None) -> TrainResult:
     """Train to completion (or resume and finish). `dataset` overrides the RecordIO pipeline (tests)."""
-    from magface.tracking import Tracker
+    from magface.tracking import Tracker, collect_spools
 
     if dataset is None:
         dataset = build_dataset(cfg)
@@ -184,8 +184,11 @@ def run(cfg: Config, dataset=None, *, keys_log_dir: str | None = None, parent_ru
         result, stopped = interrupt.fit_interruptibly(trainer, runtime.stop_flag,
                                                       on_hard_stop=lambda _: tracker.end("KILLED"))
     except Exception:
+        collect_spools([tracker.run_id], tracking_uri=uri or None)
         tracker.end("FAILED")
         raise
+    # what workers killed or closed while MLflow was slow left unsent, on any node
+    collect_spools([tracker.run_id], tracking_uri=uri or None)
     if stopped:
         tracker.end("KILLED")
         raise interrupt.TrainingInterrupted(stopped, resume.newest_complete_checkpoint(run_dir), tracker.run_id)
