@@ -120,6 +120,7 @@ def fake_autoscaling_config(cluster_yaml: Path, gcs_address: str, training_type:
     the other type gets a resource no trainer asks for. The head has CPUs for Ray Data's tasks (the real GPU
     nodes bring their own; a fake training node's single CPU belongs to its worker)."""
     import yaml
+    from ray.autoscaler._private.fake_multi_node.node_provider import FAKE_HEAD_NODE_ID
 
     real = yaml.safe_load(cluster_yaml.read_text())
     types = {"ray.head.default": {"resources": {"CPU": 2}, "node_config": {}, "max_workers": 0}}
@@ -130,8 +131,12 @@ def fake_autoscaling_config(cluster_yaml: Path, gcs_address: str, training_type:
     return {
         "cluster_name": "fake_magface", "max_workers": real["max_workers"],
         "upscaling_speed": real["upscaling_speed"], "idle_timeout_minutes": real["idle_timeout_minutes"],
-        "provider": {"type": "fake_multinode", "gcs_address": gcs_address, "disable_launch_config_check": True,
-                     "disable_node_updaters": True},
+        # "external" names the same provider class: autoscaler v2 reads a "fake_multinode" provider's defaults
+        # from an example.yaml that Ray's wheel does not ship.
+        "provider": {"type": "external",
+                     "module": "ray.autoscaler._private.fake_multi_node.node_provider.FakeMultiNodeProvider",
+                     "gcs_address": gcs_address, "disable_launch_config_check": True,
+                     "disable_node_updaters": True, "launch_multiple": True, "head_node_id": FAKE_HEAD_NODE_ID},
         "auth": {"ssh_user": "ubuntu"}, "available_node_types": types, "head_node_type": "ray.head.default",
         "file_mounts": {}, "cluster_synced_files": [], "file_mounts_sync_continuously": False,
         "rsync_exclude": [], "rsync_filter": [], "initialization_commands": [], "setup_commands": [],
@@ -146,7 +151,12 @@ def start_autoscaling_head(log_dir: Path, cluster_yaml: Path, training_type: str
     address = f"127.0.0.1:{port}"
     config = log_dir / "autoscaling.json"
     config.write_text(json.dumps(fake_autoscaling_config(cluster_yaml, address, training_type, other_type)))
-    env = ray_env(RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1")
+    from ray.autoscaler._private.fake_multi_node.node_provider import FAKE_HEAD_NODE_ID
+
+    # Autoscaler v2, which terminates an instance whose Ray node died and so replaces it (v1 with this provider
+    # never does: with node updaters off it re-marks a node active as soon as its heartbeats stop).
+    env = ray_env(RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1", RAY_enable_autoscaler_v2="1",
+                  RAY_CLOUD_INSTANCE_ID=FAKE_HEAD_NODE_ID, RAY_OVERRIDE_NODE_ID_FOR_TESTING=FAKE_HEAD_NODE_ID)
     head, _ = start_head(log_dir, num_cpus=2, env=env, extra=(f"--autoscaling-config={config}",), port=port)
     return head, address
 
@@ -173,14 +183,17 @@ def _descendants(table: dict, root: int) -> list[int]:
     return found
 
 
-def fake_node_raylets(head: Node) -> dict[str, int]:
-    """node id -> raylet pid of the nodes the head's autoscaler launched with the fake provider: raylets of the
-    head's session folder other than the head's own (socket `raylet`; theirs are `raylet.<n>`). A raylet takes
-    its node id from the environment, so the id comes from the raylet's log in that folder."""
+def fake_node_raylets(head: Node, node_type: str | None = None) -> dict[str, int]:
+    """node id -> raylet pid of the nodes (of `node_type`, if given) the head's autoscaler launched with the fake
+    provider: raylets of the head's session folder other than the head's own (socket `raylet`; theirs are
+    `raylet.<n>`). A raylet takes its node id and type from the environment, so the id comes from the raylet's
+    log in that folder and the type from its environment."""
     found = {}
     for pid, (_, _, args) in _process_table().items():
         m = re.search(rf"--raylet_socket_name=(\S+/session_[\d_-]+_{head.proc.pid})/sockets/raylet\.\d+ ", args)
         if not m or "raylet/raylet " not in args:
+            continue
+        if node_type is not None and f"RAY_NODE_TYPE_NAME={node_type}".encode() not in _environ(pid):
             continue
         for log in Path(m[1], "logs").glob("raylet*.out"):
             node = re.search(rf" I {pid} {pid}\] \(raylet\) main\.cc:\d+: Setting node ID node_id=(\w+)",
@@ -188,6 +201,13 @@ def fake_node_raylets(head: Node) -> dict[str, int]:
             if node:
                 found[node[1]] = pid
     return found
+
+
+def _environ(pid: int) -> list[bytes]:
+    try:
+        return Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return []
 
 
 def kill_process_tree(pid: int) -> None:

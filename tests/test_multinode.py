@@ -86,13 +86,13 @@ def test_autoscaler_launches_nodes_for_an_elastic_job(tmp_path):
     """Ray's fake multi-node provider (the one Ray's autoscaler tests use) with node types shaped like
     ray_cluster.yaml's. No training node exists at first: the elastic job's resource request makes the
     autoscaler launch nodes of the training type and the group grows to its maximum; a training node is then
-    killed under the job, the group continues on the one left from the latest checkpoint and finishes.
-    Not covered here: the v1 autoscaler with this provider did not replace the killed node within minutes (it
-    logged no unhealthy-node termination), so replacement is shown with real nodes in the test above."""
+    killed under the job: autoscaler v2 sees its Ray node dead, terminates the instance and launches a
+    replacement; the group restarts from the latest checkpoint on 2 workers and the run finishes."""
     head = None
     try:
         head, address = start_autoscaling_head(tmp_path, REPO / "ray_cluster.yaml", "gpu_8x_a100", "gpu_1x_a10g")
         assert fake_node_raylets(head) == {}
+        training_type = "gpu_8x_a100"
         cfg = tiny_config(tmp_path, "autoscaled", data={"num_images": 64},
                           train={"epochs": 6, "global_batch_size": 4, "checkpoint_every_steps": 4,
                                  "max_failures": 6},
@@ -103,13 +103,19 @@ def test_autoscaler_launches_nodes_for_an_elastic_job(tmp_path):
                          "gate_batch": 2}, tmp_path, address)
         job_dir = tmp_path / "runs" / "autoscaled"
         wait_for(lambda: 2 in driver.attempts(), 420, "the autoscaler's nodes and a group of 2")
-        launched = fake_node_raylets(head)
+        launched = fake_node_raylets(head, training_type)
         # the training type's max_workers (2) bounds what the autoscaler launched for the trainers
         assert len(launched) == 2 and cluster_resource(address, TRAINER_RESOURCE) == 2, _raylet_lines(head)
         wait_for(lambda: any(s >= 4 for s in registered_steps(job_dir)), 240, "a registered checkpoint")
         registered_at_kill = max(registered_steps(job_dir))
+        attempts_before = len(driver.attempts())
         kill_process_tree(launched[sorted(launched)[0]])  # the node is terminated under the job
-        wait_for(lambda: driver.attempts()[-1] == 1 and len(driver.attempts()) > 1, 240, "a group of 1")
+        replacement = wait_for(lambda: set(fake_node_raylets(head, training_type)) - set(launched), 240,
+                               "the autoscaler's replacement node")
+        # The group restarts from the latest checkpoint: on 1 worker and then 2 again, or straight on 2 when the
+        # replacement is up before the restart is decided (seconds apart here).
+        wait_for(lambda: len(driver.attempts()) > attempts_before and driver.attempts()[-1] == 2, 240,
+                 "a restarted group of 2")
         gate.touch()
         driver.proc.wait(timeout=300)
         log = driver.text()
@@ -120,5 +126,8 @@ def test_autoscaler_launches_nodes_for_an_elastic_job(tmp_path):
         if "driver" in locals():
             driver.stop()
     result = json.loads(log.split("RESULT ", 1)[1].splitlines()[0])
-    assert result["metrics"]["step"] == 6 * 16
-    assert driver.resumed_steps()[0] >= registered_at_kill
+    assert result["metrics"]["step"] == 6 * 16 and result["metrics"]["world_size"] == 2
+    assert len(replacement) == 1, replacement  # one node lost, one launched in its place
+    sizes = driver.attempts()
+    assert sizes[attempts_before - 1] == 2 and sizes[-1] == 2 and len(sizes) > attempts_before, sizes
+    assert driver.resumed_steps()[-1] >= registered_at_kill
