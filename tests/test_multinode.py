@@ -88,11 +88,10 @@ def test_autoscaler_launches_nodes_for_an_elastic_job(tmp_path):
     autoscaler launch nodes of the training type and the group grows to its maximum; a training node is then
     killed under the job: autoscaler v2 sees its Ray node dead, terminates the instance and launches a
     replacement; the group restarts from the latest checkpoint on 2 workers and the run finishes."""
-    head = None
+    head, training_type = None, "gpu_8x_a100"
     try:
-        head, address = start_autoscaling_head(tmp_path, REPO / "ray_cluster.yaml", "gpu_8x_a100", "gpu_1x_a10g")
+        head, address = start_autoscaling_head(tmp_path, REPO / "ray_cluster.yaml", training_type, "gpu_1x_a10g")
         assert fake_node_raylets(head) == {}
-        training_type = "gpu_8x_a100"
         cfg = tiny_config(tmp_path, "autoscaled", data={"num_images": 64},
                           train={"epochs": 6, "global_batch_size": 4, "checkpoint_every_steps": 4,
                                  "max_failures": 6},
